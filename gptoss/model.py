@@ -1,0 +1,292 @@
+"""The gpt-oss transformer in plain torch.
+
+    x = embedding(tokens)
+    for each block:  x = x + attention(rmsnorm(x));  x = x + moe(rmsnorm(x))
+    logits = lm_head(rmsnorm(x))
+
+Attention: GQA with q/k/v/o biases, YaRN RoPE, a learned sink logit per head, and a 128-token
+sliding window on even layers. MoE: top-k routing with softmax after top-k, clamped SwiGLU
+experts stored in MXFP4. The two hot operations, `ops.attention` and `ops.moe_experts`, are
+functions so that fast kernels can stand in for the plain-torch references.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptoss import ops
+from gptoss.checkpoint import CheckpointError, CheckpointReader, checkpoint_key, detect_layout
+from gptoss.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Per-pair rotation frequencies with YaRN (no truncation), and the attention factor for cos/sin."""
+    d, theta, factor = config.head_dim, config.rope_theta, config.rope_scaling_factor
+    extrapolation = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
+    interpolation = extrapolation / factor
+
+    def correction_dim(rotations: float) -> float:
+        return d * math.log(config.initial_context_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(correction_dim(config.rope_ntk_beta), 0.0)
+    high = min(correction_dim(config.rope_ntk_alpha), d - 1.0)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    inv_freq = interpolation * ramp + extrapolation * (1 - ramp)
+    attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, attention_factor
+
+
+class Rotary(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = yarn_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D] rotated by absolute positions [B, T] (NeoX half-split form)."""
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        cos = (freqs.cos() * self.attention_factor)[:, :, None, :]
+        sin = (freqs.sin() * self.attention_factor)[:, :, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.n_q, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.window = config.window_of(layer)
+        self.q_proj = nn.Linear(config.hidden_size, config.q_dim)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_dim)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_dim)
+        self.o_proj = nn.Linear(config.q_dim, config.hidden_size)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
+
+    def forward(self, x, positions, rotary: Rotary, cache: "LayerCache | None"):
+        b, t, _ = x.shape
+        q = rotary(self.q_proj(x).view(b, t, self.n_q, self.head_dim), positions)
+        k = rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), positions)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if cache is None:
+            keys, values, key_pos = k, v, positions
+        else:
+            keys, values, key_pos = cache.with_new(k, v, positions)
+            cache.store(k, v, positions)
+        out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window)
+        return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
+
+
+class Experts(nn.Module):
+    """The experts of one layer, kept as stored: MXFP4 blocks and scales, plus biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.swiglu_limit = config.swiglu_limit
+        self.register_buffer("gate_up_blocks", torch.zeros(e, 2 * i, h // 32, 16, dtype=torch.uint8))
+        self.register_buffer("gate_up_scales", torch.zeros(e, 2 * i, h // 32, dtype=torch.uint8))
+        self.register_buffer("gate_up_bias", torch.zeros(e, 2 * i))
+        self.register_buffer("down_blocks", torch.zeros(e, h, i // 32, 16, dtype=torch.uint8))
+        self.register_buffer("down_scales", torch.zeros(e, h, i // 32, dtype=torch.uint8))
+        self.register_buffer("down_bias", torch.zeros(e, h))
+
+    def weights(self) -> ops.ExpertWeights:
+        return ops.ExpertWeights(self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias,
+                                 self.down_blocks, self.down_scales, self.down_bias, self.swiglu_limit)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.experts_per_token = config.experts_per_token
+        self.router = nn.Linear(config.hidden_size, config.num_experts)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        indices, weights = ops.route(flat, self.router.weight, self.router.bias, self.experts_per_token)
+        return ops.moe_experts(flat, indices, weights, self.experts.weights()).view_as(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config)
+
+    def forward(self, x, positions, rotary, cache=None):
+        x = x + self.attn(self.attn_norm(x), positions, rotary, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = Rotary(config)
+        self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def forward(self, input_ids: torch.Tensor, cache: "KVCache | None" = None,
+                positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+
+        With a cache, the tokens continue each row's sequence and their keys/values are appended.
+        """
+        b, t = input_ids.shape
+        if positions is None:
+            start = cache.lengths if cache is not None else torch.zeros(b, dtype=torch.long, device=input_ids.device)
+            positions = start[:, None] + torch.arange(t, device=input_ids.device)
+        x = self.embedding(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, self.rotary, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.lengths = positions[:, -1] + 1
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def new_cache(self, batch_size: int = 1) -> "KVCache":
+        return KVCache(self.config, batch_size, self.dtype, self.device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> "Model":
+        """Load a Hugging Face or `original/` checkpoint folder.
+
+        Tensors are memory-mapped; those already in the wanted dtype on the CPU are used in place.
+        Experts stay MXFP4. Any missing, unexpected or misshaped tensor raises CheckpointError
+        before a model is returned.
+        """
+        folder, layout, config = detect_layout(Path(path))
+        reader = CheckpointReader(folder)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        plan = {name: checkpoint_key(name, layout, config) for name in expected}
+        _check_plan(reader, plan, expected, config)
+
+        names = list(plan)
+        if progress:
+            from gptoss.progress import track
+            names = track(names, description=f"Loading {Path(path).name}")
+        state = {}
+        for name in names:
+            ref = plan[name]
+            tensor = reader.get(ref.key)
+            if ref.rows is not None:
+                tensor = tensor[ref.rows[0]:ref.rows[1]]
+            want = tensor.dtype if tensor.dtype == torch.uint8 else dtype
+            state[name] = tensor.to(device=device, dtype=want)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.rotary.inv_freq = yarn_inv_freq(config)[0].to(device)
+        return model.eval().requires_grad_(False)
+
+
+def _check_plan(reader: CheckpointReader, plan: dict, expected: dict, config: ModelConfig) -> None:
+    problems = []
+    used = set()
+    for name, ref in plan.items():
+        used.add(ref.key)
+        if ref.key not in reader:
+            problems.append(f"missing tensor {ref.key} (for {name})")
+            continue
+        entry = reader.entries[ref.key]
+        shape = list(expected[name].shape)
+        if ref.rows is not None:
+            shape = [config.q_dim + 2 * config.kv_dim] + shape[1:]
+        if list(entry.shape) != shape:
+            problems.append(f"tensor {ref.key} in {entry.file.name} has shape {list(entry.shape)}, "
+                            f"expected {shape}")
+        elif (entry.dtype == torch.uint8) != (expected[name].dtype == torch.uint8):
+            problems.append(f"tensor {ref.key} in {entry.file.name} has dtype {entry.dtype}, "
+                            f"expected {'uint8' if expected[name].dtype == torch.uint8 else 'a float type'}")
+    for key in sorted(set(reader.keys()) - used):
+        problems.append(f"unexpected tensor {key} in {reader.entries[key].file.name}")
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise CheckpointError(f"checkpoint {reader.folder} does not match its config.json:\n  {shown}{more}")
+
+
+class LayerCache:
+    """Keys and values of one layer for a batch of rows.
+
+    Sliding-window layers keep a ring of `window` slots (slot = position % window), so their
+    memory stays fixed; full layers grow by doubling. `pos` holds each slot's position, -1 if empty.
+    """
+
+    def __init__(self, batch: int, window: int, n_kv: int, head_dim: int, dtype, device):
+        self.window = window
+        capacity = window if window > 0 else 16
+        self.k = torch.zeros(batch, capacity, n_kv, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def with_new(self, k, v, positions):
+        """The cached keys/values followed by the new ones, as the new queries must see them."""
+        used = self.capacity if self.window else int(self.pos.max().item()) + 1
+        return (torch.cat([self.k[:, :used], k], dim=1), torch.cat([self.v[:, :used], v], dim=1),
+                torch.cat([self.pos[:, :used], positions], dim=1))
+
+    def store(self, k, v, positions):
+        if self.window:
+            keep = min(self.window, k.shape[1])  # older ones would be overwritten anyway
+            k, v, positions = k[:, -keep:], v[:, -keep:], positions[:, -keep:]
+            slots = positions % self.window
+        else:
+            needed = int(positions.max().item()) + 1
+            if needed > self.capacity:
+                self._grow(max(needed, 2 * self.capacity))
+            slots = positions
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, slots] = k
+        self.v[rows, slots] = v
+        self.pos[rows, slots] = positions
+
+    def _grow(self, capacity: int):
+        extra = capacity - self.capacity
+        self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[0], extra, *self.k.shape[2:])], dim=1)
+        self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[0], extra, *self.v.shape[2:])], dim=1)
+        self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], extra), -1)], dim=1)
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, dtype: torch.dtype, device):
+        self.layers = [LayerCache(batch_size, config.window_of(i), config.num_key_value_heads, config.head_dim,
+                                  dtype, device) for i in range(config.num_hidden_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)

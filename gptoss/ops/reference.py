@@ -1,0 +1,90 @@
+"""Plain-torch reference twins of the hot operations.
+
+Every fast kernel (cpu/, triton/) keeps the signature of its twin here and is tested against it.
+They favour clarity over speed, but never dequantize more than one expert at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptoss import mxfp4
+
+
+@dataclass
+class ExpertWeights:
+    """One layer's experts as stored: MXFP4 matrices, bf16/fp32 biases."""
+
+    gate_up_blocks: torch.Tensor  # uint8 [E, 2I, H/32, 16], gate and up rows interleaved
+    gate_up_scales: torch.Tensor  # uint8 [E, 2I, H/32]
+    gate_up_bias: torch.Tensor  # [E, 2I]
+    down_blocks: torch.Tensor  # uint8 [E, H, I/32, 16]
+    down_scales: torch.Tensor  # uint8 [E, H, I/32]
+    down_bias: torch.Tensor  # [E, H]
+    swiglu_limit: float = 7.0
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_blocks.shape[0]
+
+
+SWIGLU_ALPHA = 1.702
+
+
+def swiglu(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU on interleaved [gate0, up0, gate1, up1, ...] columns."""
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    glu = gate * torch.sigmoid(SWIGLU_ALPHA * gate)
+    return (up + 1) * glu
+
+
+def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+                experts: ExpertWeights) -> torch.Tensor:
+    """sum_k expert_weights[n, k] * Expert_{expert_indices[n, k]}(x[n]) for x [N, H] -> [N, H]."""
+    out = torch.zeros_like(x)
+    for e in expert_indices.unique().tolist():
+        token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
+        w_gate_up = mxfp4.dequantize(experts.gate_up_blocks[e], experts.gate_up_scales[e], x.dtype)
+        w_down = mxfp4.dequantize(experts.down_blocks[e], experts.down_scales[e], x.dtype)
+        h = x[token] @ w_gate_up.T + experts.gate_up_bias[e].to(x.dtype)
+        y = swiglu(h, experts.swiglu_limit) @ w_down.T + experts.down_bias[e].to(x.dtype)
+        out.index_add_(0, token, y * expert_weights[token, slot, None].to(x.dtype))
+    return out
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, k: int):
+    """Top-k of the raw router logits, then softmax over only those k."""
+    logits = torch.nn.functional.linear(x, router_weight, router_bias)
+    top_logits, top_indices = torch.topk(logits, k, dim=-1, sorted=True)
+    weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
+    return top_indices, weights
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Softmax attention with a learned sink per head, GQA, causal and optional sliding window.
+
+    q [B, T, Hq, D], k/v [B, S, Hkv, D], sinks [Hq], q_pos [B, T] and k_pos [B, S] absolute
+    positions (k_pos < 0 marks an empty cache slot). Query i sees key j when
+    pos_j <= pos_i and, with window > 0, pos_i - window < pos_j. Returns [B, T, Hq, D].
+    """
+    b, t, n_q, d = q.shape
+    n_kv = k.shape[2]
+    group = n_q // n_kv
+    # [B, Hkv, group, T, D] x [B, Hkv, 1, D, S]: query head h reads kv head h // group.
+    qg = q.float().reshape(b, t, n_kv, group, d).permute(0, 2, 3, 1, 4)
+    kg = k.float().permute(0, 2, 3, 1).unsqueeze(2)
+    scores = (qg @ kg) * d ** -0.5  # [B, Hkv, group, T, S]
+    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)
+    if window > 0:
+        visible &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    sink = sinks.float().reshape(1, n_kv, group, 1, 1).expand(b, n_kv, group, t, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    vg = v.float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, S, D]
+    out = probs @ vg  # [B, Hkv, group, T, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, t, n_q, d).to(q.dtype)
