@@ -23,6 +23,13 @@ from gptoss.checkpoint import CheckpointError, CheckpointReader, checkpoint_key,
 from gptoss.config import ModelConfig
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through ops.linear, where the fast kernels plug in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -74,10 +81,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_q, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.window = config.window_of(layer)
-        self.q_proj = nn.Linear(config.hidden_size, config.q_dim)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_dim)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_dim)
-        self.o_proj = nn.Linear(config.q_dim, config.hidden_size)
+        self.q_proj = Linear(config.hidden_size, config.q_dim)
+        self.k_proj = Linear(config.hidden_size, config.kv_dim)
+        self.v_proj = Linear(config.hidden_size, config.kv_dim)
+        self.o_proj = Linear(config.q_dim, config.hidden_size)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
 
     def forward(self, x, positions, rotary: Rotary, cache: "LayerCache | None"):
@@ -117,12 +124,12 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.experts_per_token = config.experts_per_token
-        self.router = nn.Linear(config.hidden_size, config.num_experts)
+        self.router = Linear(config.hidden_size, config.num_experts)
         self.experts = Experts(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        indices, weights = ops.route(flat, self.router.weight, self.router.bias, self.experts_per_token)
+        indices, weights = ops.route(self.router(flat), self.experts_per_token)
         return ops.moe_experts(flat, indices, weights, self.experts.weights()).view_as(x)
 
 
@@ -147,7 +154,7 @@ class Model(nn.Module):
         self.rotary = Rotary(config)
         self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:

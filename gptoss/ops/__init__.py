@@ -4,4 +4,4 @@
 implementation that loaded on this machine; `reference` keeps the plain-torch twins.
 """
 
-from gptoss.ops.reference import ExpertWeights, attention, moe_experts, route, swiglu  # noqa: F401
+from gptoss.ops.reference import ExpertWeights, attention, linear, moe_experts, route, swiglu  # noqa: F401

@@ -30,6 +30,11 @@ class ExpertWeights:
         return self.gate_up_blocks.shape[0]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b: the dense projections (attention, router, lm_head)."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 SWIGLU_ALPHA = 1.702
 
 
@@ -56,11 +61,10 @@ def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: t
     return out
 
 
-def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, k: int):
-    """Top-k of the raw router logits, then softmax over only those k."""
-    logits = torch.nn.functional.linear(x, router_weight, router_bias)
-    top_logits, top_indices = torch.topk(logits, k, dim=-1, sorted=True)
-    weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)
+def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the raw router logits, then softmax over only those k -> (indices, weights)."""
+    top_logits, top_indices = torch.topk(router_logits, k, dim=-1, sorted=True)
+    weights = torch.softmax(top_logits.float(), dim=-1).to(router_logits.dtype)
     return top_indices, weights
 
 

@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# The o200k vocabulary for tests and CI lies in ../shared/vocab beside the repository.
+_SHARED_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "vocab"
+if "TIKTOKEN_ENCODINGS_BASE" not in os.environ and (_SHARED_VOCAB / "o200k_base.tiktoken").exists():
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(_SHARED_VOCAB)
+
+SHARED_VOCAB = _SHARED_VOCAB
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random-weight HF-layout checkpoint of the `tiny` preset (real vocabulary size)."""
+    from gptoss.config import ModelConfig
+    from gptoss.synth import write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny") / "model", ModelConfig.preset("tiny"), seed=0)
