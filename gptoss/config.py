@@ -178,7 +178,7 @@ class ModelConfig:
             raise ConfigError(f"quantization_config.quant_method is {quant.get('quant_method')!r}; "
                               "gptoss reads the published MXFP4 checkpoints")
         eos = data.get("eos_token_id")
-        if isinstance(eos, list):
+        if isinstance(eos, list) and eos:
             kwargs["eos_token_ids"] = tuple(eos)
         config = cls(**_numbers(kwargs))
         max_pos = data.get("max_position_embeddings")
@@ -217,8 +217,8 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "hidden_act": "silu",
             "tie_word_embeddings": False,
-            "eos_token_id": 200002,
-            "pad_token_id": 199999,
+            "eos_token_id": 200002 if self.vocab_size > 200002 else None,
+            "pad_token_id": 199999 if self.vocab_size > 199999 else None,
             "use_cache": True,
             "quantization_config": {
                 "quant_method": "mxfp4",

@@ -68,8 +68,10 @@ def quantize(x: torch.Tensor, rule: str = "floor") -> tuple[torch.Tensor, torch.
     block_nan = is_nan.any(dim=-1)
     amax = torch.where(is_nan, 0.0, xb.abs()).amax(dim=-1)
     exponent = _shared_exponent(amax, rule)
-    # An all-zero block takes the smallest scale; every exponent is clamped to E8M0's range.
-    exponent = torch.where(amax == 0, -SCALE_BIAS, exponent).clamp(-SCALE_BIAS, SCALE_BIAS)
+    # An all-zero block takes the smallest scale, an infinite one the largest (its values then
+    # saturate at +-6); every exponent is clamped to E8M0's range.
+    exponent = torch.where(amax == 0, -SCALE_BIAS, exponent)
+    exponent = torch.where(torch.isinf(amax), SCALE_BIAS, exponent).clamp(-SCALE_BIAS, SCALE_BIAS)
     scaled = torch.ldexp(xb.abs(), (-exponent).unsqueeze(-1).to(work_dtype))
     scaled = torch.where(is_nan, 0.0, scaled)
     code = _magnitude_code(scaled) | (torch.signbit(xb).to(torch.uint8) << 3)

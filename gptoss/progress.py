@@ -14,6 +14,6 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=not console.is_terminal and False) as bar:
+    with Progress(*columns, console=console) as bar:
         yield from bar.track(items, total=total, description=description)
     sys.stderr.flush()

@@ -79,13 +79,14 @@ def write_random_checkpoint(out: str | Path, config: ModelConfig, seed: int = 0,
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     out = Path(out)
     writer = ShardedWriter(out, num_shards=config.num_hidden_layers + 1)
-    layers = range(config.num_hidden_layers)
+    # Shard k holds layer k; the last one the embedding, final norm and lm_head.
+    shards = range(config.num_hidden_layers + 1)
     if progress:
         from gptoss.progress import track
-        layers = track(layers, description=f"Writing {out.name}")
-    for layer in layers:
-        writer.write_shard(to_checkpoint_tensors(layer_tensors(config, layer, seed), layout, config))
-    writer.write_shard(to_checkpoint_tensors(global_tensors(config, seed), layout, config))
+        shards = track(shards, description=f"Writing {out.name}")
+    for shard in shards:
+        named = layer_tensors(config, shard, seed) if shard < config.num_hidden_layers else global_tensors(config, seed)
+        writer.write_shard(to_checkpoint_tensors(named, layout, config))
     writer.finish()
     config_dict = config.to_hf_dict() if layout == HF else config.to_original_dict()
     (out / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
