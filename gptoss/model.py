@@ -164,11 +164,13 @@ class Model(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def forward(self, input_ids: torch.Tensor, cache: "KVCache | None" = None,
-                positions: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only).
+    def forward(self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
+                last_only: bool = False, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V].
 
-        With a cache, the tokens continue each row's sequence and their keys/values are appended.
+        With a cache (KVCache, or the engine's paged one), the tokens continue each row's sequence
+        and their keys/values are stored. `last_only` or `logit_index` [B] (one position per row)
+        computes the lm_head for one position per row: logits [B, 1, V].
         """
         b, t = input_ids.shape
         if positions is None:
@@ -178,9 +180,11 @@ class Model(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, positions, self.rotary, cache.layers[i] if cache is not None else None)
         if cache is not None:
-            cache.lengths = positions[:, -1] + 1
+            cache.advance(positions)
         if last_only:
             x = x[:, -1:]
+        elif logit_index is not None:
+            x = x[torch.arange(b, device=x.device), logit_index][:, None]
         return self.lm_head(self.norm(x))
 
     def new_cache(self, batch_size: int = 1) -> "KVCache":
@@ -297,3 +301,6 @@ class KVCache:
         self.layers = [LayerCache(batch_size, config.window_of(i), config.num_key_value_heads, config.head_dim,
                                   dtype, device) for i in range(config.num_hidden_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def advance(self, positions: torch.Tensor) -> None:
+        self.lengths = positions[:, -1] + 1
