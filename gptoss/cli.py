@@ -25,7 +25,19 @@ def cmd_synth(args) -> None:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty; choose a new folder")
     write_random_checkpoint(out, config, seed=args.seed, layout=args.layout, progress=True)
+    if config.vocab_size == ModelConfig.preset("20b").vocab_size:
+        _write_tokenizer(out)
     print(f"wrote a random {args.preset} checkpoint ({config.num_hidden_layers} layers, {args.layout} layout) to {out}")
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """Ship tokenizer.json like the published checkpoints, so the folder works offline on its own."""
+    from gptoss.tokenizer import TokenizerError, write_tokenizer_json
+
+    try:
+        write_tokenizer_json(folder)
+    except TokenizerError as exc:
+        print(f"note: no tokenizer.json written ({exc})", file=sys.stderr)
 
 
 def cmd_inspect(args) -> None:
@@ -50,6 +62,66 @@ def cmd_inspect(args) -> None:
     print(f"per token   {fp.bytes_per_token / 1e9:.3f} GB read per decoded token (batch 1)")
 
 
+def cmd_bench(args) -> None:
+    import json
+
+    from gptoss.bench import format_result, run_bench
+
+    for name in ("prompt_tokens", "gen_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json)
+    print(json.dumps(result.as_dict()) if args.json else format_result(result))
+
+
+def _check_sampling(args) -> None:
+    """Bad sampling values fail before the model loads."""
+    from gptoss.sampling import SamplingParams
+
+    try:
+        SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_chat(args) -> int:
+    from gptoss.chat_cli import run_chat
+
+    _check_sampling(args)
+    return run_chat(args)
+
+
+def cmd_generate(args) -> int:
+    from gptoss.chat_cli import run_generate
+
+    _check_sampling(args)
+    return run_generate(args)
+
+
+def cmd_serve(args) -> None:
+    from gptoss.engine.engine import parse_size
+    from gptoss.server import build_state, run
+
+    for name in ("max_num_seqs", "port"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        raise UsageError("--max-queue must be at least 0")
+    try:
+        parse_size(args.kv_cache_size)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        state = build_state(args.path, served_model_name=args.served_model_name, api_key=args.api_key,
+                            kv_cache_size=args.kv_cache_size, max_num_seqs=args.max_num_seqs,
+                            max_queue=args.max_queue, device=args.device)
+    except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
+        raise UsageError(str(exc)) from None
+    run(state, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="Run OpenAI's gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,23 +137,61 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a checkpoint's config, sizes and bytes read per token")
     p.add_argument("path", help="model folder")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal")
+    p.add_argument("path", help="model folder")
+    p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=2048, help="most tokens per answer")
+    p.add_argument("--system", default=None, help="system instructions for the conversation")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not show the model's reasoning")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="one raw completion of a text prompt")
+    p.add_argument("path", help="model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="measure prefill and decode speed at batch 1")
+    p.add_argument("path", help="model folder")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    p.add_argument("path", help="model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this key as 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: folder name)")
+    p.add_argument("--kv-cache-size", default=None, help="KV cache size: tokens (65536) or bytes (4GB, 512MiB)")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one batch")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot; more get 429")
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from gptoss.checkpoint import CheckpointError
     from gptoss.config import ConfigError
+    from gptoss.tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (UsageError, ConfigError, CheckpointError) as exc:
+        return args.func(args) or 0
+    except (UsageError, ConfigError, CheckpointError, TokenizerError) as exc:
         print(f"gptoss {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""`gptoss bench`: prefill and decode speed at batch 1, against the machine's memory bandwidth.
+
+Decode reads every active weight once per token, so tokens/s x bytes per token is the bandwidth
+the model uses; dividing by the bandwidth measured here (a large read-only reduction) tells how
+close to the physical limit it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from gptoss.footprint import footprint
+from gptoss.model import Model
+
+
+@dataclass
+class BenchResult:
+    model: str
+    threads: int
+    kernels: str
+    prompt_tokens: int
+    gen_tokens: int
+    load_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    bytes_per_token: int
+    decode_gb_per_s: float
+    measured_bandwidth_gb_per_s: float
+    bandwidth_fraction: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of a multithreaded read of a buffer far larger than the caches (best of `repeats`)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads: int | None = None,
+              progress: bool = True) -> BenchResult:
+    from gptoss import ops
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = Model.from_pretrained(path, dtype=torch.bfloat16, progress=progress)
+    load_s = time.perf_counter() - start
+    fp = footprint(path)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, min(model.config.vocab_size, 199998), (1, prompt_tokens), generator=gen)
+
+    steps = range(gen_tokens + 1)
+    if progress:
+        from gptoss.progress import track
+        steps = track(steps, description="prefill + decode")
+    decode_times = []
+    with torch.inference_mode():
+        cache = model.new_cache(1)
+        for step in steps:
+            if step == 0:
+                t0 = time.perf_counter()
+                logits = model(prompt, cache, last_only=True)
+                prefill_s = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                logits = model(token, cache)
+                decode_times.append(time.perf_counter() - t0)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+    # The first decode steps warm caches and thread pools; report the steady state.
+    steady = decode_times[len(decode_times) // 8:] or decode_times
+    decode_tps = len(steady) / sum(steady)
+    bandwidth = measure_read_bandwidth()
+    decode_gbs = decode_tps * fp.bytes_per_token / 1e9
+    return BenchResult(
+        model=str(path), threads=torch.get_num_threads(), kernels=ops.backend_name(),
+        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, load_s=load_s,
+        prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=decode_tps,
+        bytes_per_token=fp.bytes_per_token, decode_gb_per_s=decode_gbs,
+        measured_bandwidth_gb_per_s=bandwidth, bandwidth_fraction=decode_gbs / bandwidth,
+    )
+
+
+def format_result(r: BenchResult) -> str:
+    return "\n".join([
+        f"model        {r.model}   ({r.threads} threads, kernels: {r.kernels}, loaded in {r.load_s:.1f} s)",
+        f"prefill      {r.prefill_tokens_per_s:8.1f} tokens/s   ({r.prompt_tokens} tokens)",
+        f"decode       {r.decode_tokens_per_s:8.2f} tokens/s   ({r.gen_tokens} tokens)",
+        f"per token    {r.bytes_per_token / 1e9:8.3f} GB read -> {r.decode_gb_per_s:.1f} GB/s",
+        f"bandwidth    {r.measured_bandwidth_gb_per_s:8.1f} GB/s measured here -> decode uses "
+        f"{100 * r.bandwidth_fraction:.0f}% of it",
+    ])

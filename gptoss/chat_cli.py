@@ -1,0 +1,115 @@
+"""`gptoss chat` and `gptoss generate`: the terminal front end of gptoss.LLM."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+from gptoss.chat import ChatFormatError
+
+EFFORTS = ("low", "medium", "high")
+HELP = "commands: /reset (new conversation), /effort low|medium|high, /exit (or Ctrl-D)"
+
+
+class ChatSession:
+    """A conversation with the model; one instance per `gptoss chat`."""
+
+    def __init__(self, llm, console: Console, *, system: str | None, effort: str, hide_reasoning: bool,
+                 sampling: dict):
+        self.llm, self.console = llm, console
+        self.system, self.effort, self.hide_reasoning, self.sampling = system, effort, hide_reasoning, sampling
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; False means leave the chat."""
+        name, _, arg = line.partition(" ")
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.reset()
+            self.console.print("[dim](conversation cleared)[/dim]")
+        elif name == "/effort" and arg.strip() in EFFORTS:
+            self.effort = arg.strip()
+            self.console.print(f"[dim](reasoning effort: {self.effort})[/dim]")
+        else:
+            self.console.print(f"[yellow]unknown command {line!r}[/yellow]; {HELP}")
+        return True
+
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+        stream = self.llm.chat_stream(self.messages, reasoning_effort=self.effort, **self.sampling)
+        channel = None
+        try:
+            for delta in stream:
+                if delta.channel == "analysis" and self.hide_reasoning:
+                    continue
+                if delta.channel != channel and channel is not None:
+                    self.console.print()
+                channel = delta.channel
+                style = "dim italic" if delta.channel == "analysis" else None
+                self.console.print(delta.text, end="", style=style, markup=False, highlight=False)
+                self.console.file.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            self.console.print("\n[dim](stopped)[/dim]", end="")
+        self.console.print()
+        result = stream.result
+        self.messages.append({"role": "assistant", "content": result.text})
+        usage = result.usage
+        self.console.print(f"[dim]({usage.completion_tokens} tokens, {usage.reasoning_tokens} reasoning, "
+                           f"finish: {result.finish_reason})[/dim]")
+
+
+def run_chat(args) -> int:
+    from gptoss.llm import LLM
+
+    console = Console(highlight=False)
+    err = Console(stderr=True)
+    interactive = sys.stdin.isatty()
+    sampling = {"temperature": args.temperature, "max_tokens": args.max_tokens}
+    llm = LLM(args.path, progress=True)
+    session = ChatSession(llm, console, system=args.system, effort=args.reasoning_effort,
+                          hide_reasoning=args.hide_reasoning, sampling=sampling)
+    if interactive:
+        err.print(f"[dim]gptoss chat: {args.path}. {HELP}[/dim]")
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            console.print()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not session.command(line):
+                break
+            continue
+        try:
+            session.answer(line)
+        except (ChatFormatError, ValueError) as exc:
+            err.print(f"[red]error:[/red] {exc}")
+    return 0
+
+
+def run_generate(args) -> int:
+    from gptoss.llm import LLM
+
+    llm = LLM(args.path, progress=sys.stderr.isatty())
+    stream = llm.generate_stream(args.prompt, temperature=args.temperature, max_tokens=args.max_tokens,
+                                 seed=args.seed)
+    try:
+        for delta in stream:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,135 @@
+"""`gptoss.LLM`: the Python API.
+
+    llm = LLM("path/to/gpt-oss-20b")
+    result = llm.chat([{"role": "user", "content": "Hi"}], reasoning_effort="low")
+    print(result.text)
+
+    stream = llm.chat_stream(messages)
+    for delta in stream:                 # Delta(text, channel="analysis" | "commentary" | "final")
+        print(delta.text, end="")
+    print(stream.result.usage)
+
+Requests run on the same continuous-batching engine as the server; several streams may be
+consumed side by side, or `generate` may be given a list of prompts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from gptoss import chat as harmony_chat
+from gptoss.engine.engine import LLMEngine
+from gptoss.generation import Delta, RequestOutput, Result
+from gptoss.model import Model
+from gptoss.sampling import SamplingParams
+from gptoss.tokenizer import harmony_encoding, tiktoken_encoding
+
+_request_ids = itertools.count()
+
+
+class GenerationStream:
+    """Iterate for deltas; `result` holds the final Result once the iteration ends."""
+
+    def __init__(self, llm: "LLM", request_id: str, output: RequestOutput):
+        self._llm, self.request_id, self._output = llm, request_id, output
+        self._pending: list[Delta] = []
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            while self.result is None:
+                self._llm._step_until(self)
+                while self._pending:
+                    yield self._pending.pop(0)
+        finally:
+            self.close()
+
+    def _deliver(self, deltas: list[Delta], finished: bool) -> None:
+        self._pending += deltas
+        if finished:
+            self.result = self._output.result()
+            self._llm._streams.pop(self.request_id, None)
+
+    def close(self) -> None:
+        """Stop generating (e.g. on Ctrl-C): the request is aborted and its cache freed."""
+        if self.result is None:
+            self._llm.engine.abort(self.request_id)
+            self._llm._streams.pop(self.request_id, None)
+            self._output.finish_reason = self._output.finish_reason or "abort"
+            self.result = self._output.result()
+
+    def collect(self) -> Result:
+        for _ in self:
+            pass
+        return self.result
+
+
+class LLM:
+    def __init__(self, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 progress: bool = False, **engine_options):
+        self.path = Path(path)
+        self.model = Model.from_pretrained(path, device=device, dtype=dtype, progress=progress)
+        self.engine = LLMEngine(self.model, **engine_options)
+        self.encoding = harmony_encoding(path)
+        self._text_encoding = tiktoken_encoding(path)
+        self._streams: dict[str, GenerationStream] = {}
+
+    # -- chat --------------------------------------------------------------------------------
+    def chat_stream(self, messages: list[dict], *, tools: list[dict] | None = None,
+                    reasoning_effort: str = "medium", tool_choice=None, **sampling) -> GenerationStream:
+        prompt = harmony_chat.render_prompt(self.encoding, messages, tools=tools,
+                                            reasoning_effort=reasoning_effort, tool_choice=tool_choice)
+        return self._start(prompt, SamplingParams.from_kwargs(**sampling), chat=True)
+
+    def chat(self, messages: list[dict], **options) -> Result:
+        return self.chat_stream(messages, **options).collect()
+
+    # -- raw completion ------------------------------------------------------------------------
+    def generate_stream(self, prompt: str | Sequence[int], **sampling) -> GenerationStream:
+        return self._start(self.encode(prompt), SamplingParams.from_kwargs(**sampling), chat=False)
+
+    def generate(self, prompt: str | Sequence[int] | list, **sampling) -> Result | list[Result]:
+        """One prompt (text or token ids) -> Result; a list of text prompts -> a list, run as one batch."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            streams = [self.generate_stream(p, **sampling) for p in prompt]
+            return [s.collect() for s in streams]
+        return self.generate_stream(prompt, **sampling).collect()
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self._text_encoding.encode(prompt, allowed_special="all")
+        return [int(t) for t in prompt]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._text_encoding.decode(list(token_ids))
+
+    # -- the engine loop, driven by whichever stream needs output -----------------------------
+    def _start(self, prompt: list[int], params: SamplingParams, chat: bool) -> GenerationStream:
+        request_id = f"req-{next(_request_ids)}"
+        output = RequestOutput(self.encoding, params, chat=chat, prompt_tokens=len(prompt),
+                               token_bytes=self._text_encoding.decode_single_token_bytes)
+        self.engine.add_request(prompt, params, request_id)
+        stream = GenerationStream(self, request_id, output)
+        self._streams[request_id] = stream
+        return stream
+
+    def _step_until(self, stream: GenerationStream) -> None:
+        """Run engine steps until `stream` has something to yield (other streams advance too)."""
+        while stream.result is None and not stream._pending:
+            outputs = self.engine.step()
+            if not outputs and not self.engine.has_unfinished():
+                stream._deliver([], finished=True)
+                return
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target is None:
+                    continue
+                deltas = target._output.feed(out)
+                finished = out.finished or target._output.stopped
+                if target._output.stopped and not out.finished:
+                    self.engine.abort(out.request_id)
+                target._deliver(deltas, finished)
