@@ -1,7 +1,47 @@
 """The hot operations behind one signature each; fast kernels replace the reference twins.
 
-`moe_experts` and `attention` are what the model calls. Each name is bound to the fastest
-implementation that loaded on this machine; `reference` keeps the plain-torch twins.
+`linear`, `moe_experts` and `attention` are what the model calls. On CPU tensors they run the
+C++ kernels of `gptoss.ops.cpu` (built on first use) when those are available, and the plain-torch
+twins in `gptoss.ops.reference` otherwise. `GPTOSS_KERNELS=reference` forces the twins everywhere.
 """
 
-from gptoss.ops.reference import ExpertWeights, attention, linear, moe_experts, route, swiglu  # noqa: F401
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gptoss.ops import reference
+from gptoss.ops.reference import ExpertWeights, route, swiglu  # noqa: F401
+from gptoss.ops import cpu  # noqa: E402  (imports reference, above)
+
+
+def _cpu_kernels(t: torch.Tensor) -> bool:
+    return t.is_cpu and os.environ.get("GPTOSS_KERNELS", "").strip().lower() != "reference" and cpu.available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if _cpu_kernels(x):
+        return cpu.linear(x, weight, bias)
+    return reference.linear(x, weight, bias)
+
+
+def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+                experts: ExpertWeights) -> torch.Tensor:
+    if _cpu_kernels(x):
+        return cpu.moe_experts(x, expert_indices, expert_weights, experts)
+    return reference.moe_experts(x, expert_indices, expert_weights, experts)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    if _cpu_kernels(q):
+        return cpu.attention(q, k, v, sinks, q_pos, k_pos, window)
+    return reference.attention(q, k, v, sinks, q_pos, k_pos, window)
+
+
+def backend_name() -> str:
+    """Which implementation runs on CPU tensors here, for benchmarks and logs."""
+    if os.environ.get("GPTOSS_KERNELS", "").strip().lower() == "reference" or not cpu.available():
+        return "reference (plain torch)"
+    return f"cpu-{cpu.isa()}"
