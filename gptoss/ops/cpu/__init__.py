@@ -1,0 +1,175 @@
+"""Fast CPU kernels behind the reference signatures (a C++ extension built on first use).
+
+`kernels.cpp` is compiled by `torch.utils.cpp_extension.load` the first time a kernel is needed,
+into `$GPTOSS_CACHE/ext` (default `~/.cache/gptoss/ext`), one folder per source hash and torch
+version, and loaded from there afterwards. It picks an instruction set at run time:
+avx512bf16 > avx512 > avx2 > scalar; `GPTOSS_CPU_ISA` (or `set_isa`) forces one.
+
+If the build fails (no compiler, no ninja), one warning is logged and every function here falls
+back to its plain-torch twin in `gptoss.ops.reference`. Each function also falls back for inputs
+it does not handle (non-CPU tensors, dtypes other than float32/bfloat16, autograd).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gptoss.ops import reference
+from gptoss.ops.reference import ExpertWeights
+
+log = logging.getLogger("gptoss")
+
+_SOURCE = Path(__file__).with_name("kernels.cpp")
+_CFLAGS = ["-O3", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+_FLOAT_TYPES = (torch.float32, torch.bfloat16)
+
+_lock = threading.Lock()
+_ext = None
+_error: str | None = None
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: $GPTOSS_CACHE/ext, else ~/.cache/gptoss/ext (XDG_CACHE_HOME honoured)."""
+    root = os.environ.get("GPTOSS_CACHE")
+    if root:
+        return Path(root).expanduser() / "ext"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gptoss" / "ext"
+
+
+def _build_folder() -> tuple[str, Path]:
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_CFLAGS + _LDFLAGS).encode()).hexdigest()[:12]
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+    name = f"gptoss_cpu_{digest}"
+    return name, cache_dir() / tag / name
+
+
+def _load():
+    """Build (first use) and import the extension; on failure remember why and warn once."""
+    global _ext, _error
+    if _ext is not None or _error is not None:
+        return _ext
+    with _lock:
+        if _ext is not None or _error is not None:
+            return _ext
+        try:
+            from torch.utils import cpp_extension
+
+            name, folder = _build_folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            fresh = not any(folder.glob(f"{name}*.so"))
+            if fresh:
+                print("building gptoss CPU kernels (first use)…", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            ext = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                                     extra_ldflags=_LDFLAGS, build_directory=str(folder), verbose=False)
+            if fresh:
+                log.info("built gptoss CPU kernels in %.1f s (%s)", time.perf_counter() - start, folder)
+            forced = os.environ.get("GPTOSS_CPU_ISA", "").strip().lower()
+            if forced:
+                try:
+                    ext.set_isa(forced)
+                except RuntimeError as e:
+                    log.warning("GPTOSS_CPU_ISA=%s ignored: %s", forced, str(e).splitlines()[0])
+            _ext = ext
+        except Exception as e:  # no compiler, no ninja, a compile error: keep working without
+            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            _error = f"{type(e).__name__}: {lines[-1] if lines else e}"
+            log.warning("gptoss CPU kernels unavailable (%s); using the plain-torch reference", _error)
+    return _ext
+
+
+def available() -> bool:
+    """True when the extension is built and loaded (builds it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _error
+
+
+def isa() -> str:
+    """The instruction-set path in use: avx512bf16, avx512, avx2, scalar, or 'reference' without the extension."""
+    ext = _load()
+    return ext.get_isa() if ext is not None else "reference"
+
+
+def supported_isas() -> list[str]:
+    """The paths this CPU can run, best first (empty without the extension)."""
+    ext = _load()
+    return list(ext.supported_isas()) if ext is not None else []
+
+
+def set_isa(name: str) -> None:
+    """Force a path (avx512bf16, avx512, avx2, scalar); raises if this CPU lacks it."""
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"gptoss CPU kernels are unavailable: {_error}")
+    ext.set_isa(name)
+
+
+def _plain(*tensors: torch.Tensor | None) -> bool:
+    """All on the CPU, and no gradient to track."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (not t.is_cpu or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b; a bandwidth-bound GEMV for few rows, a register-blocked product otherwise."""
+    ext = _load()
+    if (ext is None or not _plain(x, weight, bias) or weight.dim() != 2 or x.dim() == 0
+            or x.dtype != weight.dtype or x.dtype not in _FLOAT_TYPES or x.shape[-1] != weight.shape[1]):
+        return reference.linear(x, weight, bias)
+    return ext.linear(x, weight, bias)
+
+
+def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
+                experts: ExpertWeights) -> torch.Tensor:
+    """The reference's experts, reading MXFP4 straight from the packed bytes."""
+    ext = _load()
+    tensors = (x, expert_indices, expert_weights, experts.gate_up_blocks, experts.gate_up_scales,
+               experts.gate_up_bias, experts.down_blocks, experts.down_scales, experts.down_bias)
+    if ext is None or not _plain(*tensors) or x.dim() != 2 or x.dtype not in _FLOAT_TYPES:
+        return reference.moe_experts(x, expert_indices, expert_weights, experts)
+    return ext.moe_experts(x, expert_indices, expert_weights, experts.gate_up_blocks, experts.gate_up_scales,
+                           experts.gate_up_bias, experts.down_blocks, experts.down_scales, experts.down_bias,
+                           float(experts.swiglu_limit))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention with sinks, GQA and sliding window; per query over its visible keys (decode and prefill)."""
+    ext = _load()
+    if (ext is None or not _plain(q, k, v, sinks, q_pos, k_pos) or q.dim() != 4 or q.dtype not in _FLOAT_TYPES or k.dtype != q.dtype or v.dtype != q.dtype
+            or q.shape[2] % k.shape[2] != 0):
+        return reference.attention(q, k, v, sinks, q_pos, k_pos, window)
+    return ext.attention(q, k, v, sinks, q_pos, k_pos, int(window))
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The kernels' MXFP4 decoder (what prefill tiles use), for tests against gptoss.mxfp4.dequantize."""
+    ext = _load()
+    if ext is None or dtype not in _FLOAT_TYPES:
+        from gptoss import mxfp4
+        return mxfp4.dequantize(blocks, scales, dtype)
+    return ext.mxfp4_dequantize(blocks, scales, dtype == torch.bfloat16)
+
+
+def read_probe(t: torch.Tensor) -> int:
+    """Read every byte of `t` once as fast as the CPU can (for measuring memory bandwidth)."""
+    ext = _load()
+    if ext is None:
+        return int(t.view(torch.uint8).sum())
+    return ext.read_probe(t)

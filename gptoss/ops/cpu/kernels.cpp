@@ -1,0 +1,1478 @@
+// gptoss CPU kernels: dense products, MXFP4 experts and attention.
+//
+// One translation unit, compiled on first use by gptoss/ops/cpu/__init__.py. The file is built
+// without -march: every SIMD function carries its own __attribute__((target(...))) and the path
+// is chosen at run time (Isa below), so one binary runs on any x86-64 CPU.
+//
+// Paths, best first:
+//   avx512bf16  as avx512, and the bf16 GEMV (decode) multiplies bf16 pairs with vdpbf16ps
+//   avx512      AVX-512 F/BW/VL: fp32 FMA on 16 lanes
+//   avx2        AVX2 + FMA: fp32 FMA on 8 lanes
+//   scalar      portable C++
+// All paths accumulate in fp32. On the Xeon measured (Sapphire Rapids class), vdpbf16ps runs at
+// half the rate of fp32 FMA, so the compute-bound kernels (MXFP4, GEMM) widen to fp32 instead.
+// Work is split over torch's intra-op threads (at::parallel_for, i.e. torch.set_num_threads).
+
+// ATen and torch's pybind11 casters only (not <torch/extension.h>, which doubles the build time).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace gptoss {
+
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define T_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")))
+#define T_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define INLINE inline __attribute__((always_inline))
+
+using bf16_t = uint16_t;  // raw bfloat16 bits
+
+// ---------------------------------------------------------------------------------------------
+// ISA selection
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+static const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+
+static Isa best_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return Isa::Avx512Bf16;
+  if (avx512) return Isa::Avx512;
+  if (avx2) return Isa::Avx2;
+#endif
+  return Isa::Scalar;
+}
+
+static Isa g_best = best_isa();
+static Isa g_isa = g_best;
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int i = static_cast<int>(g_best); i >= 0; --i) out.push_back(kIsaNames[i]);
+  return out;
+}
+
+std::string get_isa() { return kIsaNames[static_cast<int>(g_isa)]; }
+
+void set_isa(const std::string& name) {
+  for (int i = 0; i < 4; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= static_cast<int>(g_best), "gptoss CPU kernels: this CPU does not support the '", name,
+                  "' path (best: ", kIsaNames[static_cast<int>(g_best)], ")");
+      g_isa = static_cast<Isa>(i);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "gptoss CPU kernels: unknown ISA '", name, "'; choose avx512bf16, avx512, avx2 or scalar");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalars and tables
+
+static INLINE float bf16_to_f32(bf16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, as torch does; NaN stays a quiet NaN.
+static INLINE bf16_t f32_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<bf16_t>(u >> 16);
+}
+
+static INLINE float to_f32(float v) { return v; }
+static INLINE float to_f32(bf16_t v) { return bf16_to_f32(v); }
+
+struct Tables {
+  float e2m1[16];        // nibble -> E2M1 value
+  bf16_t e2m1_bf16[32];  // the same as bf16 bits, twice (vpermw reads 5 index bits)
+  int8_t e2m1_x2[16];    // 2 * value: small integers, for the byte-shuffle path
+  float e8m0[256];       // scale byte -> 2^(s-127); 0xFF -> NaN
+  float e8m0_half[256];  // 2^(s-128): pairs with e2m1_x2
+  Tables() {
+    static const float v[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                                -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+    for (int i = 0; i < 16; ++i) {
+      e2m1[i] = v[i];
+      uint32_t u;
+      std::memcpy(&u, &v[i], 4);
+      e2m1_bf16[i] = e2m1_bf16[i + 16] = static_cast<bf16_t>(u >> 16);
+      e2m1_x2[i] = static_cast<int8_t>(2 * v[i]);
+    }
+    for (int s = 0; s < 256; ++s) {
+      e8m0[s] = std::ldexp(1.0f, s - 127);
+      e8m0_half[s] = std::ldexp(1.0f, s - 128);
+    }
+    e8m0[255] = e8m0_half[255] = std::numeric_limits<float>::quiet_NaN();
+  }
+};
+static const Tables kT;
+
+// ---------------------------------------------------------------------------------------------
+// Threading: a fixed number of workers pull units from a shared counter (units can differ in cost).
+
+template <class Body>
+static void parallel_units(int64_t n_units, const Body& body) {
+  if (n_units <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_units);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;  // per worker, grown by the body as needed
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) body(u, scratch);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Horizontal sums and exp
+
+T_AVX2 static INLINE float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x): x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, times 2^n (scalef handles under/overflow).
+T_AVX512 static INLINE __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Same on 8 lanes; 2^n is built in the exponent bits, so x is clamped to the normal range.
+T_AVX2 static INLINE __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // n in [-126, 128): 2^n as float bits; 2^128 is split in two factors to stay finite.
+  __m256i ni = _mm256_cvtps_epi32(n);
+  __m256i half = _mm256_srai_epi32(ni, 1);
+  __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  __m256 f2 = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense products: out[m][n] = sum_k x[m][k] * w[n][k] in fp32.
+//
+// Layout: w [N, K] row-major (nn.Linear), x [M, K]. A micro-kernel takes RB <= 4 weight rows and
+// MB <= 4 rows of x and walks K once, keeping RB*MB accumulators in registers; the driver
+// visits every x chunk while a block of 4 weight rows is hot in L1, so each weight byte comes from
+// memory once. For decode (M <= 8) this is a GEMV that streams the weights at memory speed.
+
+struct DenseArgs {
+  const void* w;
+  int64_t ldw;
+  const void* x;
+  int64_t ldx;
+  int64_t M, K;
+  float* out;  // out[m * ldo + n]
+  int64_t ldo;
+};
+using DenseFn = void (*)(const DenseArgs&, int64_t n, int64_t m);
+
+// The GEMV kernels prefetch the rows of the next block (the same thread reads them next): the
+// hardware prefetchers stop at 4 KB pages, and without this one core reaches half its bandwidth.
+static constexpr int64_t kDensePrefetchRows = 4;
+struct DenseKernel {
+  DenseFn fn[4][4];  // [RB - 1][MB - 1]
+};
+
+static void dense_rows(const DenseKernel& k, const DenseArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t rb = std::min<int64_t>(4, n1 - n);
+    for (int64_t m = 0; m < a.M; m += 4) k.fn[rb - 1][std::min<int64_t>(4, a.M - m) - 1](a, n, m);
+  }
+}
+
+#define KERNEL_TABLE(fn, ...)                                                                         \
+  {                                                                                                   \
+    {                                                                                                 \
+      {fn<1, 1, ##__VA_ARGS__>, fn<1, 2, ##__VA_ARGS__>, fn<1, 3, ##__VA_ARGS__>, fn<1, 4, ##__VA_ARGS__>}, \
+      {fn<2, 1, ##__VA_ARGS__>, fn<2, 2, ##__VA_ARGS__>, fn<2, 3, ##__VA_ARGS__>, fn<2, 4, ##__VA_ARGS__>}, \
+      {fn<3, 1, ##__VA_ARGS__>, fn<3, 2, ##__VA_ARGS__>, fn<3, 3, ##__VA_ARGS__>, fn<3, 4, ##__VA_ARGS__>}, \
+      {fn<4, 1, ##__VA_ARGS__>, fn<4, 2, ##__VA_ARGS__>, fn<4, 3, ##__VA_ARGS__>, fn<4, 4, ##__VA_ARGS__>}, \
+    }                                                                                                 \
+  }
+
+// scalar: W float or bf16, X float
+template <int RB, int MB, class WT>
+static void dense_mk_scalar(const DenseArgs& a, int64_t n, int64_t m) {
+  const WT* w = static_cast<const WT*>(a.w) + n * a.ldw;
+  const float* x = static_cast<const float*>(a.x) + m * a.ldx;
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < a.K; ++k) acc += to_f32(w[r * a.ldw + k]) * x[j * a.ldx + k];
+      a.out[(m + j) * a.ldo + n + r] = acc;
+    }
+}
+
+// AVX2: 8 lanes, W converted to fp32 in registers (bf16 -> fp32 is a 16-bit shift).
+T_AVX2 static INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+T_AVX2 static INLINE __m256 load8(const bf16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+template <int RB, int MB, class WT>
+T_AVX2 static void dense_mk_avx2(const DenseArgs& a, int64_t n, int64_t m) {
+  const WT* w = static_cast<const WT*>(a.w) + n * a.ldw;
+  const float* x = static_cast<const float*>(a.x) + m * a.ldx;
+  __m256 acc[RB][MB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= a.K; k += 8) {
+    __m256 xv[MB];
+    for (int j = 0; j < MB; ++j) xv[j] = _mm256_loadu_ps(x + j * a.ldx + k);
+    for (int r = 0; r < RB; ++r) {
+      _mm_prefetch((const char*)(w + (r + kDensePrefetchRows) * a.ldw + k), _MM_HINT_T0);
+      __m256 wv = load8(w + r * a.ldw + k);
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_fmadd_ps(wv, xv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) {
+      float s = hsum256(acc[r][j]);
+      for (int64_t kk = k; kk < a.K; ++kk) s += to_f32(w[r * a.ldw + kk]) * x[j * a.ldx + kk];
+      a.out[(m + j) * a.ldo + n + r] = s;
+    }
+}
+
+// AVX-512: 16 lanes, masked loads for the K tail.
+T_AVX512 static INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+T_AVX512 static INLINE __m512 load16(const bf16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+T_AVX512 static INLINE __m512 load16(const float* p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
+T_AVX512 static INLINE __m512 load16(const bf16_t* p, __mmask16 mk) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+}
+
+template <int RB, int MB, class WT>
+T_AVX512 static void dense_mk_avx512(const DenseArgs& a, int64_t n, int64_t m) {
+  const WT* w = static_cast<const WT*>(a.w) + n * a.ldw;
+  const float* x = static_cast<const float*>(a.x) + m * a.ldx;
+  __m512 acc[RB][MB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= a.K; k += 16) {
+    __m512 xv[MB];
+    for (int j = 0; j < MB; ++j) xv[j] = _mm512_loadu_ps(x + j * a.ldx + k);
+    for (int r = 0; r < RB; ++r) {
+      _mm_prefetch((const char*)(w + (r + kDensePrefetchRows) * a.ldw + k), _MM_HINT_T0);
+      __m512 wv = load16(w + r * a.ldw + k);
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
+    }
+  }
+  if (k < a.K) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (a.K - k)) - 1);
+    __m512 xv[MB];
+    for (int j = 0; j < MB; ++j) xv[j] = _mm512_maskz_loadu_ps(mk, x + j * a.ldx + k);
+    for (int r = 0; r < RB; ++r) {
+      __m512 wv = load16(w + r * a.ldw + k, mk);
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) a.out[(m + j) * a.ldo + n + r] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+// AVX512_BF16: W and X both bf16; vdpbf16ps multiplies 32 pairs exactly and adds them in fp32.
+template <int RB, int MB>
+T_AVX512BF16 static void dense_mk_bf16dp(const DenseArgs& a, int64_t n, int64_t m) {
+  const bf16_t* w = static_cast<const bf16_t*>(a.w) + n * a.ldw;
+  const bf16_t* x = static_cast<const bf16_t*>(a.x) + m * a.ldx;
+  __m512 acc[RB][MB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= a.K; k += 32) {
+    __m512bh xv[MB];
+    for (int j = 0; j < MB; ++j) xv[j] = (__m512bh)_mm512_loadu_si512(x + j * a.ldx + k);
+    for (int r = 0; r < RB; ++r) {
+      _mm_prefetch((const char*)(w + (r + kDensePrefetchRows) * a.ldw + k), _MM_HINT_T0);
+      __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * a.ldw + k);
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
+    }
+  }
+  if (k < a.K) {
+    const __mmask32 mk = static_cast<__mmask32>((1ull << (a.K - k)) - 1);
+    __m512bh xv[MB];
+    for (int j = 0; j < MB; ++j) xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + j * a.ldx + k);
+    for (int r = 0; r < RB; ++r) {
+      __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, w + r * a.ldw + k);
+      for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) a.out[(m + j) * a.ldo + n + r] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+static const DenseKernel kDenseScalarF32 = KERNEL_TABLE(dense_mk_scalar, float);
+static const DenseKernel kDenseScalarBf16 = KERNEL_TABLE(dense_mk_scalar, bf16_t);
+static const DenseKernel kDenseAvx2F32 = KERNEL_TABLE(dense_mk_avx2, float);
+static const DenseKernel kDenseAvx2Bf16 = KERNEL_TABLE(dense_mk_avx2, bf16_t);
+static const DenseKernel kDenseAvx512F32 = KERNEL_TABLE(dense_mk_avx512, float);
+static const DenseKernel kDenseAvx512Bf16 = KERNEL_TABLE(dense_mk_avx512, bf16_t);
+static const DenseKernel kDenseBf16Dp = KERNEL_TABLE(dense_mk_bf16dp);
+
+// The kernel for weights of `w_bf16` type; x must then be bf16 for the vdpbf16ps kernel, else fp32.
+static const DenseKernel& dense_kernel(Isa isa, bool w_bf16, bool x_bf16) {
+  if (x_bf16) {
+    TORCH_INTERNAL_ASSERT(w_bf16 && isa == Isa::Avx512Bf16);
+    return kDenseBf16Dp;
+  }
+  switch (isa) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return w_bf16 ? kDenseAvx512Bf16 : kDenseAvx512F32;
+    case Isa::Avx2: return w_bf16 ? kDenseAvx2Bf16 : kDenseAvx2F32;
+    default: return w_bf16 ? kDenseScalarBf16 : kDenseScalarF32;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many-token products (prefill) on AVX-512: out[m][n] = sum_k W[n][k] * x[m][k].
+//
+// Layout: W is an fp32 tile, row-major [rows][K] (bf16 rows widened, or MXFP4 rows decoded, once
+// per call). x is packed transposed in blocks of 16 tokens, xt [M/16][K][16] (zero-padded), once
+// per call. The micro-kernel keeps NR weight rows x 16*MV tokens of output in 16 registers and,
+// for each k, broadcasts NR weights and multiplies them with MV vectors of 16 tokens: 16 FMAs per
+// NR + MV loads, no horizontal sums, and no transposition of the weights.
+
+static int64_t gemm_mpad(int64_t M) { return (M + 15) / 16 * 16; }
+
+// x rows (row i is src + rows[i] * ld, or src + i * ld) -> xt.
+template <class T>
+static void pack_xt(const T* src, int64_t ld, const int64_t* rows, int64_t M, int64_t K, float* xt) {
+  const int64_t mp = gemm_mpad(M);
+  for (int64_t m0 = 0; m0 < mp; m0 += 16) {
+    float* blk = xt + m0 * K;
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t m = m0 + i;
+      if (m < M) {
+        const T* row = src + (rows ? rows[m] : m) * ld;
+        for (int64_t k = 0; k < K; ++k) blk[k * 16 + i] = to_f32(row[k]);
+      } else {
+        for (int64_t k = 0; k < K; ++k) blk[k * 16 + i] = 0.f;
+      }
+    }
+  }
+}
+
+template <int NR, int MV>
+T_AVX512 static void gemm_mk_avx512(const float* w, const float* xt, int64_t K, float* c) {
+  __m512 acc[NR][MV];
+  for (int n = 0; n < NR; ++n)
+    for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(xt + v * K * 16 + k * 16);
+    for (int n = 0; n < NR; ++n) {
+      const __m512 wb = _mm512_set1_ps(w[n * K + k]);
+      for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_fmadd_ps(wb, xv[v], acc[n][v]);
+    }
+  }
+  for (int n = 0; n < NR; ++n)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c + n * 16 * MV + 16 * v, acc[n][v]);
+}
+
+// Rows [0, rows) of the tile (allocated to a multiple of 16 rows, zero-padded) against M tokens;
+// out[m * ldo + n].
+template <int NR, int MV>
+static void gemm_tile_nm(const float* w, int64_t rows, const float* xt, int64_t M, int64_t K, float* out,
+                         int64_t ldo) {
+  const int64_t mp = gemm_mpad(M);
+  float c[NR * 16 * MV];
+  for (int64_t n0 = 0; n0 < rows; n0 += NR) {
+    for (int64_t m0 = 0; m0 < mp;) {
+      const bool wide = m0 + 16 * MV <= mp;
+      const int64_t cw = wide ? 16 * MV : 16;
+      if (wide)
+        gemm_mk_avx512<NR, MV>(w + n0 * K, xt + m0 * K, K, c);
+      else
+        gemm_mk_avx512<NR, 1>(w + n0 * K, xt + m0 * K, K, c);
+      for (int64_t n = 0; n < NR && n0 + n < rows; ++n)
+        for (int64_t m = 0; m < cw && m0 + m < M; ++m) out[(m0 + m) * ldo + n0 + n] = c[n * cw + m];
+      m0 += cw;
+    }
+  }
+}
+
+static void gemm_tile(const float* w, int64_t rows, const float* xt, int64_t M, int64_t K, float* out, int64_t ldo) {
+  if (M > 16)
+    gemm_tile_nm<8, 2>(w, rows, xt, M, K, out, ldo);
+  else
+    gemm_tile_nm<16, 1>(w, rows, xt, M, K, out, ldo);
+}
+
+// ---------------------------------------------------------------------------------------------
+// MXFP4 products: out[m][n] = sum_k x[m][k] * W[n][k], W read as packed nibbles and scales.
+//
+// Layout: row n is nblk blocks of 16 bytes (32 E2M1 values, even element in the low nibble)
+// and nblk scale bytes. The weights are decoded in registers with a 16-entry table lookup and
+// never written anywhere, so each packed byte is read from memory once (4.25 bits per weight).
+// Block sums are multiplied once by the block scale 2^(s-127). x is rearranged once per call so
+// that the decoded lanes line up with it (prepare_x_mx), and stays fp32: on the CPUs measured,
+// fp32 FMA is as fast as vdpbf16ps here and keeps fp32 activations exact.
+
+enum class MxKind { Scalar, Avx2, Avx512 };
+
+// Bytes ahead of the current read that the MXFP4 and GEMV kernels prefetch, in each row stream:
+// about the next block of 4 rows, which the same thread reads next. The hardware prefetchers stop
+// at 4 KB pages; without this a core reaches half of its bandwidth.
+static constexpr int64_t kPrefetchBytes = 6144;
+
+struct MxArgs {
+  const uint8_t* blocks;  // [rows, nblk, 16]
+  const uint8_t* scales;  // [rows, nblk]
+  int64_t nblk;
+  const void* x;  // prepared x, row stride ldx elements
+  int64_t ldx;
+  int64_t M;
+  float* out;
+  int64_t ldo;
+};
+using MxFn = void (*)(const MxArgs&, int64_t n, int64_t m);
+struct MxKernel {
+  MxFn fn[4][4];
+};
+
+static void mx_rows(const MxKernel& k, const MxArgs& a, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t rb = std::min<int64_t>(4, n1 - n);
+    for (int64_t m = 0; m < a.M; m += 4) k.fn[rb - 1][std::min<int64_t>(4, a.M - m) - 1](a, n, m);
+  }
+}
+
+// Prepared x (fp32):
+//   Scalar: x as is.
+//   Avx2:   per block of 32, the 16 even then the 16 odd elements.
+//   Avx512: per group of 4 blocks (128 elements, zero-padded), 8 vectors of 16: vector j,
+//           lane L holds element 8L + j (the j-th nibble of the L-th 32-bit word of the group).
+static int64_t mx_prepared_len(MxKind kind, int64_t K) {
+  const int64_t nblk = K / 32;
+  return kind == MxKind::Avx512 ? (nblk + 3) / 4 * 128 : K;
+}
+
+template <class T>
+static void prepare_x_mx(MxKind kind, const T* src, int64_t K, float* d) {
+  const int64_t nblk = K / 32;
+  if (kind == MxKind::Scalar) {
+    for (int64_t k = 0; k < K; ++k) d[k] = to_f32(src[k]);
+  } else if (kind == MxKind::Avx2) {
+    for (int64_t b = 0; b < nblk; ++b)
+      for (int i = 0; i < 16; ++i) {
+        d[b * 32 + i] = to_f32(src[b * 32 + 2 * i]);
+        d[b * 32 + 16 + i] = to_f32(src[b * 32 + 2 * i + 1]);
+      }
+  } else {
+    const int64_t len = mx_prepared_len(kind, K);
+    for (int64_t e = 0; e < len; ++e) {
+      const int64_t g = e / 128, j = (e % 128) / 16, lane = e % 16, k = g * 128 + 8 * lane + j;
+      d[e] = k < K ? to_f32(src[k]) : 0.f;
+    }
+  }
+}
+
+template <int RB, int MB>
+static void mx_mk_scalar(const MxArgs& a, int64_t n, int64_t m) {
+  const float* x = static_cast<const float*>(a.x) + m * a.ldx;
+  for (int r = 0; r < RB; ++r) {
+    const uint8_t* wb = a.blocks + (n + r) * a.nblk * 16;
+    const uint8_t* sb = a.scales + (n + r) * a.nblk;
+    for (int j = 0; j < MB; ++j) {
+      const float* xj = x + j * a.ldx;
+      float acc = 0.f;
+      for (int64_t b = 0; b < a.nblk; ++b) {
+        float s = 0.f;
+        for (int i = 0; i < 16; ++i) {
+          const uint8_t byte = wb[b * 16 + i];
+          s += kT.e2m1[byte & 15] * xj[b * 32 + 2 * i] + kT.e2m1[byte >> 4] * xj[b * 32 + 2 * i + 1];
+        }
+        acc += s * kT.e8m0[sb[b]];
+      }
+      a.out[(m + j) * a.ldo + n + r] = acc;
+    }
+  }
+}
+
+// AVX2: pshufb maps the nibbles to 2*value as int8, which widen exactly to fp32; the block sum is
+// then scaled by 2^(s-128).
+template <int RB, int MB>
+T_AVX2 static void mx_mk_avx2(const MxArgs& a, int64_t n, int64_t m) {
+  const float* x = static_cast<const float*>(a.x) + m * a.ldx;
+  const __m128i lut = _mm_loadu_si128((const __m128i*)kT.e2m1_x2);
+  const __m128i m0f = _mm_set1_epi8(0x0F);
+  __m256 acc[RB][MB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nblk; ++b) {
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* p = a.blocks + ((n + r) * a.nblk + b) * 16;
+      _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T0);
+      const __m128i bytes = _mm_loadu_si128((const __m128i*)p);
+      const __m128i vlo = _mm_shuffle_epi8(lut, _mm_and_si128(bytes, m0f));
+      const __m128i vhi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(bytes, 4), m0f));
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(vlo));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(vlo, 8)));
+      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(vhi));
+      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(vhi, 8)));
+      const __m256 sc = _mm256_set1_ps(kT.e8m0_half[a.scales[(n + r) * a.nblk + b]]);
+      for (int j = 0; j < MB; ++j) {
+        const float* xb = x + j * a.ldx + b * 32;
+        __m256 d = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+        d = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), d);
+        d = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), d);
+        d = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), d);
+        acc[r][j] = _mm256_fmadd_ps(d, sc, acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) a.out[(m + j) * a.ldo + n + r] = hsum256(acc[r][j]);
+}
+
+// The scales of 16 blocks as floats 2^(s-127), built in the exponent bits (s = 0 gives the
+// denormal 2^-127, s = 255 NaN). `count` < 16 reads only that many bytes.
+T_AVX512 static INLINE __m512 e8m0x16(const uint8_t* s, int64_t count) {
+  const __m128i bytes = count >= 16 ? _mm_loadu_si128((const __m128i*)s)
+                                    : _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << count) - 1), s);
+  const __m512i v = _mm512_cvtepu8_epi32(bytes);
+  __m512i bits = _mm512_slli_epi32(v, 23);
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(v, _mm512_setzero_si512()),
+                               _mm512_set1_epi32(0x00400000));
+  bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(v, _mm512_set1_epi32(255)),
+                               _mm512_set1_epi32(0x7FC00000));
+  return _mm512_castsi512_ps(bits);
+}
+
+// AVX-512: 64 bytes (4 blocks) load as 16 words of 32 bits, 8 nibbles each. vpermps reads only
+// the low 4 bits of each index, so nibble j of every word is looked up in the fp32 table after a
+// shift by 4j: 8 lookups give 128 weights, with lanes 4i..4i+3 in block i, whose scale is
+// broadcast to those lanes from a vector of 16 scales.
+template <int RB, int MB>
+T_AVX512 static void mx_mk_avx512(const MxArgs& a, int64_t n, int64_t m) {
+  const float* x = static_cast<const float*>(a.x) + m * a.ldx;
+  const __m512 lut = _mm512_loadu_ps(kT.e2m1);
+  const __m512i lane_block = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[RB][MB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t b16 = 0; b16 < a.nblk; b16 += 16) {
+    const int64_t nb16 = std::min<int64_t>(16, a.nblk - b16);
+    __m512 sc16[RB];
+    for (int r = 0; r < RB; ++r) sc16[r] = e8m0x16(a.scales + (n + r) * a.nblk + b16, nb16);
+    for (int64_t g = 0; g < nb16; g += 4) {
+      const int64_t nbg = std::min<int64_t>(4, nb16 - g);
+      const __m512i sel = _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int>(g)));
+      const float* xg = x + (b16 + g) / 4 * 128;
+      for (int r = 0; r < RB; ++r) {
+        const uint8_t* p = a.blocks + ((n + r) * a.nblk + b16 + g) * 16;
+        _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T0);
+        const __m512i v = nbg == 4 ? _mm512_loadu_si512(p)
+                                   : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (4 * nbg)) - 1), p);
+        __m512 w[8];
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) w[q] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * q), lut);
+        const __m512 sc = _mm512_permutexvar_ps(sel, sc16[r]);
+        for (int j = 0; j < MB; ++j) {
+          const float* xj = xg + j * a.ldx;
+          __m512 d0 = _mm512_mul_ps(w[0], _mm512_loadu_ps(xj));
+          __m512 d1 = _mm512_mul_ps(w[1], _mm512_loadu_ps(xj + 16));
+#pragma GCC unroll 8
+          for (int q = 2; q < 8; q += 2) {
+            d0 = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(xj + 16 * q), d0);
+            d1 = _mm512_fmadd_ps(w[q + 1], _mm512_loadu_ps(xj + 16 * q + 16), d1);
+          }
+          acc[r][j] = _mm512_fmadd_ps(_mm512_add_ps(d0, d1), sc, acc[r][j]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) a.out[(m + j) * a.ldo + n + r] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+static const MxKernel kMxScalar = KERNEL_TABLE(mx_mk_scalar);
+static const MxKernel kMxAvx2 = KERNEL_TABLE(mx_mk_avx2);
+static const MxKernel kMxAvx512 = KERNEL_TABLE(mx_mk_avx512);
+
+static MxKind mx_kind(Isa isa) {
+  return isa >= Isa::Avx512 ? MxKind::Avx512 : isa == Isa::Avx2 ? MxKind::Avx2 : MxKind::Scalar;
+}
+
+static const MxKernel& mx_kernel(MxKind kind) {
+  switch (kind) {
+    case MxKind::Avx512: return kMxAvx512;
+    case MxKind::Avx2: return kMxAvx2;
+    default: return kMxScalar;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MXFP4 dequantization of whole rows (prefill tiles, and the exactness test against mxfp4.py).
+// Output is natural order, fp32 = value * 2^(s-127) exactly (denormal scales included).
+
+static void decode_rows_scalar(const uint8_t* blocks, const uint8_t* scales, int64_t nblk, int64_t rows,
+                               float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < nblk; ++b) {
+      const float sc = kT.e8m0[scales[r * nblk + b]];
+      const uint8_t* wb = blocks + (r * nblk + b) * 16;
+      float* o = out + (r * nblk + b) * 32;
+      for (int i = 0; i < 16; ++i) {
+        o[2 * i] = kT.e2m1[wb[i] & 15] * sc;
+        o[2 * i + 1] = kT.e2m1[wb[i] >> 4] * sc;
+      }
+    }
+}
+
+T_AVX2 static void decode_rows_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t nblk, int64_t rows,
+                                    float* out) {
+  const __m128i lut = _mm_loadu_si128((const __m128i*)kT.e2m1_x2);
+  const __m128i m0f = _mm_set1_epi8(0x0F);
+  for (int64_t rb = 0; rb < rows * nblk; ++rb) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)(blocks + rb * 16));
+    const __m128i lo = _mm_and_si128(bytes, m0f), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m0f);
+    const __m128i v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi));  // elements 0..15
+    const __m128i v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi));  // elements 16..31
+    const __m256 sc = _mm256_set1_ps(kT.e8m0_half[scales[rb]]);
+    float* o = out + rb * 32;
+    _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), sc));
+    _mm256_storeu_ps(o + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), sc));
+    _mm256_storeu_ps(o + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), sc));
+    _mm256_storeu_ps(o + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), sc));
+  }
+  // pshufb drops the sign of -0: restore it so the output matches the reference bit for bit
+  // (only codes 8 have that; a cheap fix-up pass keeps the hot loop simple).
+  for (int64_t rb = 0; rb < rows * nblk; ++rb)
+    for (int i = 0; i < 16; ++i) {
+      const uint8_t byte = blocks[rb * 16 + i];
+      if ((byte & 15) == 8) out[rb * 32 + 2 * i] *= -1.0f;
+      if ((byte >> 4) == 8) out[rb * 32 + 2 * i + 1] *= -1.0f;
+    }
+}
+
+T_AVX512 static void decode_rows_avx512(const uint8_t* blocks, const uint8_t* scales, int64_t nblk, int64_t rows,
+                                        float* out) {
+  const __m512 lut = _mm512_loadu_ps(kT.e2m1);
+  const __m128i m0f = _mm_set1_epi8(0x0F);
+  for (int64_t rb = 0; rb < rows * nblk; ++rb) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)(blocks + rb * 16));
+    const __m128i lo = _mm_and_si128(bytes, m0f), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), m0f);
+    const __m512 sc = _mm512_set1_ps(kT.e8m0[scales[rb]]);
+    const __m512 v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);
+    const __m512 v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), lut);
+    _mm512_storeu_ps(out + rb * 32, _mm512_mul_ps(v0, sc));
+    _mm512_storeu_ps(out + rb * 32 + 16, _mm512_mul_ps(v1, sc));
+  }
+}
+
+static void decode_rows(Isa isa, const uint8_t* blocks, const uint8_t* scales, int64_t nblk, int64_t rows,
+                        float* out) {
+  switch (isa) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return decode_rows_avx512(blocks, scales, nblk, rows, out);
+    case Isa::Avx2: return decode_rows_avx2(blocks, scales, nblk, rows, out);
+    default: return decode_rows_scalar(blocks, scales, nblk, rows, out);
+  }
+}
+
+T_AVX512 static void f32_to_bf16_avx512(const float* src, bf16_t* dst, int64_t n) {
+  int64_t i = 0;
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 f = _mm512_loadu_ps(src + i);
+    __m512i u = _mm512_castps_si512(f);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    u = _mm512_srli_epi32(u, 16);
+    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtepi32_epi16(u));
+  }
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+static void f32_to_bf16_row(Isa isa, const float* src, bf16_t* dst, int64_t n) {
+  if (isa >= Isa::Avx512) return f32_to_bf16_avx512(src, dst, n);
+  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clamped SwiGLU on one row of interleaved gate/up pre-activations h[2I] (bias included):
+// a[i] = (clamp(up, -l, l) + 1) * g * sigmoid(1.702 g), g = min(gate, l).
+
+static constexpr float kSwigluAlpha = 1.702f;
+
+static void swiglu_scalar(const float* gate, const float* up, float* a, int64_t I, float limit) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float g = std::min(gate[i], limit);
+    const float u = std::max(std::min(up[i], limit), -limit);
+    a[i] = (u + 1.f) * (g / (1.f + std::exp(-kSwigluAlpha * g)));
+  }
+}
+
+T_AVX2 static void swiglu_avx2(const float* gate, const float* up, float* a, int64_t I, float limit) {
+  int64_t i = 0;
+  const __m256 lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= I; i += 8) {
+    const __m256 g = _mm256_min_ps(_mm256_loadu_ps(gate + i), lim);
+    const __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(up + i), lim), nlim);
+    const __m256 e = exp256(_mm256_mul_ps(g, _mm256_set1_ps(-kSwigluAlpha)));
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_add_ps(u, one), _mm256_div_ps(g, _mm256_add_ps(one, e))));
+  }
+  swiglu_scalar(gate + i, up + i, a + i, I - i, limit);
+}
+
+T_AVX512 static void swiglu_avx512(const float* gate, const float* up, float* a, int64_t I, float limit) {
+  int64_t i = 0;
+  const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.f);
+  for (; i + 16 <= I; i += 16) {
+    const __m512 g = _mm512_min_ps(_mm512_loadu_ps(gate + i), lim);
+    const __m512 u = _mm512_max_ps(_mm512_min_ps(_mm512_loadu_ps(up + i), lim), nlim);
+    const __m512 e = exp512(_mm512_mul_ps(g, _mm512_set1_ps(-kSwigluAlpha)));
+    _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_add_ps(u, one), _mm512_div_ps(g, _mm512_add_ps(one, e))));
+  }
+  swiglu_scalar(gate + i, up + i, a + i, I - i, limit);
+}
+
+static void swiglu_row(Isa isa, const float* h, const float* bias, float* gate, float* up, float* a, int64_t I,
+                       float limit) {
+  for (int64_t i = 0; i < I; ++i) {
+    gate[i] = h[2 * i] + bias[2 * i];
+    up[i] = h[2 * i + 1] + bias[2 * i + 1];
+  }
+  if (isa >= Isa::Avx512) return swiglu_avx512(gate, up, a, I, limit);
+  if (isa == Isa::Avx2) return swiglu_avx2(gate, up, a, I, limit);
+  swiglu_scalar(gate, up, a, I, limit);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: per (row, query, kv head), scores over the visible keys only (so causal prefill does
+// half the work and memory stays O(keys)), an exact softmax with the sink column (the running max
+// starts at the sink logit and exp(sink - max) joins the denominator), and the weighted sum of
+// values. The query heads sharing a kv head are done together so each key is read once.
+
+template <class T>
+static void attn_scores_scalar(const float* q, const T* k, const int64_t* idx, int64_t nv, int64_t stride,
+                               int64_t D, float scale, float* s) {
+  for (int64_t i = 0; i < nv; ++i) {
+    const T* kr = k + idx[i] * stride;
+    float acc = 0.f;
+    for (int64_t d = 0; d < D; ++d) acc += q[d] * to_f32(kr[d]);
+    s[i] = acc * scale;
+  }
+}
+template <class T>
+static void attn_values_scalar(const float* p, const T* v, const int64_t* idx, int64_t nv, int64_t stride,
+                               int64_t D, float* out) {
+  for (int64_t i = 0; i < nv; ++i) {
+    const T* vr = v + idx[i] * stride;
+    for (int64_t d = 0; d < D; ++d) out[d] += p[i] * to_f32(vr[d]);
+  }
+}
+static float exp_sub_sum_scalar(float* s, int64_t n, float mx) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
+  return sum;
+}
+
+template <class T>
+T_AVX2 static void attn_scores_avx2(const float* q, const T* k, const int64_t* idx, int64_t nv, int64_t stride,
+                                    int64_t D, float scale, float* s) {
+  for (int64_t i = 0; i < nv; ++i) {
+    const T* kr = k + idx[i] * stride;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kr + d), acc);
+    float t = hsum256(acc);
+    for (; d < D; ++d) t += q[d] * to_f32(kr[d]);
+    s[i] = t * scale;
+  }
+}
+template <class T>
+T_AVX2 static void attn_values_avx2(const float* p, const T* v, const int64_t* idx, int64_t nv, int64_t stride,
+                                    int64_t D, float* out) {
+  for (int64_t i = 0; i < nv; ++i) {
+    const T* vr = v + idx[i] * stride;
+    const __m256 pi = _mm256_set1_ps(p[i]);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pi, load8(vr + d), _mm256_loadu_ps(out + d)));
+    for (; d < D; ++d) out[d] += p[i] * to_f32(vr[d]);
+  }
+}
+T_AVX2 static float exp_sub_sum_avx2(float* s, int64_t n, float mx) {
+  __m256 sum = _mm256_setzero_ps();
+  const __m256 m = _mm256_set1_ps(mx);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), m));
+    _mm256_storeu_ps(s + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return hsum256(sum) + exp_sub_sum_scalar(s + i, n - i, mx);
+}
+
+template <class T>
+T_AVX512 static void attn_scores_avx512(const float* q, const T* k, const int64_t* idx, int64_t nv, int64_t stride,
+                                        int64_t D, float scale, float* s) {
+  const int64_t tail = D % 16;
+  const __mmask16 mk = static_cast<__mmask16>((1u << tail) - 1);
+  for (int64_t i = 0; i < nv; ++i) {
+    const T* kr = k + idx[i] * stride;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(kr + d), acc);
+    if (tail) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + d), load16(kr + d, mk), acc);
+    s[i] = _mm512_reduce_add_ps(acc) * scale;
+  }
+}
+template <class T>
+T_AVX512 static void attn_values_avx512(const float* p, const T* v, const int64_t* idx, int64_t nv, int64_t stride,
+                                        int64_t D, float* out) {
+  const int64_t tail = D % 16;
+  const __mmask16 mk = static_cast<__mmask16>((1u << tail) - 1);
+  for (int64_t i = 0; i < nv; ++i) {
+    const T* vr = v + idx[i] * stride;
+    const __m512 pi = _mm512_set1_ps(p[i]);
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16)
+      _mm512_storeu_ps(out + d, _mm512_fmadd_ps(pi, load16(vr + d), _mm512_loadu_ps(out + d)));
+    if (tail)
+      _mm512_mask_storeu_ps(out + d, mk,
+                            _mm512_fmadd_ps(pi, load16(vr + d, mk), _mm512_maskz_loadu_ps(mk, out + d)));
+  }
+}
+T_AVX512 static float exp_sub_sum_avx512(float* s, int64_t n, float mx) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 m = _mm512_set1_ps(mx);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
+    _mm512_storeu_ps(s + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum) + exp_sub_sum_scalar(s + i, n - i, mx);
+}
+
+// 16 vectors -> one vector of their 16 horizontal sums (lane i = sum of p[i]), in 45 shuffles/adds.
+T_AVX512 static INLINE __m512 reduce16(const __m512* p) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(p[2 * i], p[2 * i + 1]), _mm512_unpackhi_ps(p[2 * i], p[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Up to 4 heads' weighted sums of values, kept in registers while the values stream past.
+template <class T, int NC, int HB>
+T_AVX512 static void attn_values_heads_avx512(const float* p, int64_t ldp, const T* v, const int64_t* idx, int64_t nv,
+                                              int64_t stride, float* out, int64_t D) {
+  __m512 acc[HB][NC];
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < nv; ++i) {
+    const T* vr = v + idx[i] * stride;
+    __m512 vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = load16(vr + 16 * c);
+    for (int h = 0; h < HB; ++h) {
+      const __m512 ph = _mm512_set1_ps(p[h * ldp + i]);
+      for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_fmadd_ps(ph, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + h * D + 16 * c, acc[h][c]);
+}
+
+// All heads of one kv group for D = 16 * NC. Scores: each key is widened once and dotted with every
+// query head of the group; 16 keys' partial vectors are summed together by reduce16. Then an exact
+// softmax with the sink column, then the values (4 heads at a time).
+template <class T, int NC>
+T_AVX512 static void attn_group_avx512(const float* q, int64_t group, const T* k, const T* v, const int64_t* idx,
+                                       int64_t nv, int64_t stride, float scale, const float* sinks, float* s,
+                                       int64_t lds, float* part, float* out) {
+  constexpr int64_t D = 16 * NC;
+  for (int64_t j0 = 0; j0 < nv; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, nv - j0);
+    for (int64_t jj = 0; jj < 16; ++jj) {
+      __m512 kv[NC];
+      const T* kr = k + idx[j0 + std::min(jj, nj - 1)] * stride;  // past the end: repeat the last key
+      for (int c = 0; c < NC; ++c) kv[c] = load16(kr + 16 * c);
+      for (int64_t h = 0; h < group; ++h) {
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + h * D), kv[0]);
+        for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + 16 * c), kv[c], acc);
+        _mm512_storeu_ps(part + (h * 16 + jj) * 16, acc);
+      }
+    }
+    const __mmask16 mk = static_cast<__mmask16>((1u << nj) - 1);
+    for (int64_t h = 0; h < group; ++h) {
+      __m512 pv[16];
+      for (int i = 0; i < 16; ++i) pv[i] = _mm512_loadu_ps(part + (h * 16 + i) * 16);
+      _mm512_mask_storeu_ps(s + h * lds + j0, mk, _mm512_mul_ps(reduce16(pv), _mm512_set1_ps(scale)));
+    }
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    float* sh = s + h * lds;
+    __m512 mv = _mm512_set1_ps(sinks[h]);
+    int64_t i = 0;
+    for (; i + 16 <= nv; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sh + i));
+    float mx = _mm512_reduce_max_ps(mv);
+    for (; i < nv; ++i) mx = std::max(mx, sh[i]);
+    const float inv = 1.0f / (exp_sub_sum_avx512(sh, nv, mx) + std::exp(sinks[h] - mx));
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (i = 0; i + 16 <= nv; i += 16) _mm512_storeu_ps(sh + i, _mm512_mul_ps(_mm512_loadu_ps(sh + i), iv));
+    for (; i < nv; ++i) sh[i] *= inv;
+  }
+  int64_t h = 0;
+  for (; h + 4 <= group; h += 4) attn_values_heads_avx512<T, NC, 4>(s + h * lds, lds, v, idx, nv, stride, out + h * D, D);
+  switch (group - h) {
+    case 3: attn_values_heads_avx512<T, NC, 3>(s + h * lds, lds, v, idx, nv, stride, out + h * D, D); break;
+    case 2: attn_values_heads_avx512<T, NC, 2>(s + h * lds, lds, v, idx, nv, stride, out + h * D, D); break;
+    case 1: attn_values_heads_avx512<T, NC, 1>(s + h * lds, lds, v, idx, nv, stride, out + h * D, D); break;
+    default: break;
+  }
+}
+
+template <class T>
+using AttnGroupFn = void (*)(const float*, int64_t, const T*, const T*, const int64_t*, int64_t, int64_t, float,
+                             const float*, float*, int64_t, float*, float*);
+
+template <class T>
+static AttnGroupFn<T> attn_group_kernel(Isa isa, int64_t D) {
+  if (isa < Isa::Avx512 || D % 16 != 0 || D > 64) return nullptr;
+  switch (D / 16) {
+    case 1: return attn_group_avx512<T, 1>;
+    case 2: return attn_group_avx512<T, 2>;
+    case 3: return attn_group_avx512<T, 3>;
+    default: return attn_group_avx512<T, 4>;
+  }
+}
+
+template <class T>
+struct AttnOps {
+  void (*scores)(const float*, const T*, const int64_t*, int64_t, int64_t, int64_t, float, float*);
+  void (*values)(const float*, const T*, const int64_t*, int64_t, int64_t, int64_t, float*);
+  float (*exp_sub_sum)(float*, int64_t, float);
+};
+
+template <class T>
+static AttnOps<T> attn_ops(Isa isa) {
+  if (isa >= Isa::Avx512) return {attn_scores_avx512<T>, attn_values_avx512<T>, exp_sub_sum_avx512};
+  if (isa == Isa::Avx2) return {attn_scores_avx2<T>, attn_values_avx2<T>, exp_sub_sum_avx2};
+  return {attn_scores_scalar<T>, attn_values_scalar<T>, exp_sub_sum_scalar};
+}
+
+template <class T>
+static at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& sinks, const at::Tensor& q_pos, const at::Tensor& k_pos,
+                                 int64_t window) {
+  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t S = k.size(1), Hkv = k.size(2), group = Hq / Hkv;
+  auto out = at::empty({B, Tq, Hq, D}, q.options().dtype(at::kFloat));
+  const T* qp = static_cast<const T*>(q.data_ptr());
+  const T* kp = static_cast<const T*>(k.data_ptr());
+  const T* vp = static_cast<const T*>(v.data_ptr());
+  const float* sp = sinks.data_ptr<float>();
+  const int64_t* qpos = q_pos.data_ptr<int64_t>();
+  const int64_t* kpos = k_pos.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const AttnOps<T> ops = attn_ops<T>(g_isa);
+
+  const AttnGroupFn<T> group_fn = attn_group_kernel<T>(g_isa, D);
+  const float* sinks_f = sp;
+
+  // Units walk the queries of one (row, kv head) in turn, so its keys and values stay in cache.
+  parallel_units(B * Tq * Hkv, [&](int64_t u, std::vector<float>& scratch) {
+    const int64_t t = u % Tq, g = (u / Tq) % Hkv, b = u / (Tq * Hkv), bt = b * Tq + t;
+    const int64_t qi = qpos[bt];
+    std::vector<int64_t> idx;  // the visible keys
+    idx.reserve(S);
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t kj = kpos[b * S + j];
+      if (kj >= 0 && kj <= qi && (window <= 0 || kj > qi - window)) idx.push_back(j);
+    }
+    const int64_t nv = static_cast<int64_t>(idx.size());
+    const int64_t lds = (nv + 15) / 16 * 16;
+    scratch.resize(group * lds + 2 * group * D + group * 256);
+    float* s = scratch.data();
+    float* qf = s + group * lds;
+    float* acc = qf + group * D;
+    float* part = acc + group * D;
+    const T* kbase = kp + (b * S * Hkv + g) * D;
+    const T* vbase = vp + (b * S * Hkv + g) * D;
+    for (int64_t h = 0; h < group; ++h)
+      for (int64_t d = 0; d < D; ++d) qf[h * D + d] = to_f32(qp[(bt * Hq + g * group + h) * D + d]);
+    if (group_fn) {
+      group_fn(qf, group, kbase, vbase, idx.data(), nv, Hkv * D, scale, sinks_f + g * group, s, lds, part, acc);
+    } else {
+      for (int64_t h = 0; h < group; ++h) {
+        float* sh = s + h * lds;
+        ops.scores(qf + h * D, kbase, idx.data(), nv, Hkv * D, D, scale, sh);
+        const float sink = sinks_f[g * group + h];
+        float mx = sink;  // the sink column takes part in the max
+        for (int64_t i = 0; i < nv; ++i) mx = std::max(mx, sh[i]);
+        const float inv = 1.0f / (ops.exp_sub_sum(sh, nv, mx) + std::exp(sink - mx));
+        for (int64_t i = 0; i < nv; ++i) sh[i] *= inv;
+        std::fill(acc + h * D, acc + (h + 1) * D, 0.f);
+        ops.values(sh, vbase, idx.data(), nv, Hkv * D, D, acc + h * D);
+      }
+    }
+    std::memcpy(op + (bt * Hq + g * group) * D, acc, group * D * sizeof(float));
+  });
+  return out;
+}
+
+at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& sinks,
+                     const at::Tensor& q_pos, const at::Tensor& k_pos, int64_t window) {
+  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "attention: q, k, v must be [B, T, H, D]");
+  TORCH_CHECK(k_.scalar_type() == q_.scalar_type() && v_.scalar_type() == q_.scalar_type(),
+              "attention: q, k, v must share a dtype");
+  TORCH_CHECK(q_.size(2) % k_.size(2) == 0, "attention: query heads must be a multiple of kv heads");
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  auto s = sinks.to(at::kFloat).contiguous();
+  auto qp = q_pos.to(at::kLong).contiguous(), kp = k_pos.to(at::kLong).contiguous();
+  at::Tensor out;
+  if (q.scalar_type() == at::kBFloat16)
+    out = attention_impl<bf16_t>(q, k, v, s, qp, kp, window);
+  else if (q.scalar_type() == at::kFloat)
+    out = attention_impl<float>(q, k, v, s, qp, kp, window);
+  else
+    TORCH_CHECK(false, "attention: q must be float32 or bfloat16");
+  return out.to(q_.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear: y = x W^T + b
+
+static int64_t rows_per_unit(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  int64_t r = N / (threads * 8);
+  r = std::max<int64_t>(4, std::min<int64_t>(64, r));
+  return (r + 3) / 4 * 4;
+}
+
+// Up to this many rows of x, linear streams the weights through the dot-product kernels (GEMV);
+// beyond, it runs the tile GEMM (AVX-512, bf16 weights) or torch's BLAS (fp32 weights).
+static constexpr int64_t kGemvMaxRows = 8;
+
+T_AVX512 static void widen_bf16_avx512(const bf16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+}
+
+// Many rows of x without AVX-512: the bf16 weights of each block of 4 rows are widened to fp32 once
+// in a per-thread buffer, then every chunk of x runs the fp32 dot-product kernel on them.
+static void dense_rows_widened(const DenseKernel& k, const DenseArgs& a, int64_t n0, int64_t n1,
+                               std::vector<float>& buf) {
+  buf.resize(4 * a.K);
+  const bf16_t* w = static_cast<const bf16_t*>(a.w);
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int64_t rb = std::min<int64_t>(4, n1 - n);
+    for (int64_t r = 0; r < rb; ++r)
+      for (int64_t c = 0; c < a.K; ++c) buf[r * a.K + c] = bf16_to_f32(w[(n + r) * a.ldw + c]);
+    const DenseArgs b{buf.data(), a.K, a.x, a.ldx, a.M, a.K, a.out + n, a.ldo};
+    for (int64_t m = 0; m < a.M; m += 4) k.fn[rb - 1][std::min<int64_t>(4, a.M - m) - 1](b, 0, m);
+  }
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2, "linear: weight must be [N, K]");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear: x and weight must share a dtype");
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || weight.scalar_type() == at::kFloat, "linear: weight must be float32 or bfloat16");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "linear: x has ", x.size(-1), " features, weight expects ", K);
+  const Isa isa = g_isa;
+  auto w = weight.contiguous();
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto out = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == N, "linear: bias has ", b.numel(), " elements, expected ", N);
+  }
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  auto add_bias = [&](int64_t n0, int64_t n1) {
+    if (bp)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) op[m * N + n] += bp[n];
+  };
+
+  if (M > kGemvMaxRows && !bf16) {
+    // fp32 weights, many rows: the BLAS torch links (MKL) is faster than our kernels here.
+    at::Tensor r = bias.has_value() && bias->defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+    auto sizes = x.sizes().vec();
+    sizes.back() = N;
+    return r.view(sizes);
+  }
+  if (M > kGemvMaxRows && isa >= Isa::Avx512) {
+    // GEMM: x packed once, bf16 weights widened to fp32 a tile of rows at a time.
+    std::vector<float> xt(gemm_mpad(M) * K);
+    if (bf16)
+      pack_xt(static_cast<const bf16_t*>(x2.data_ptr()), K, nullptr, M, K, xt.data());
+    else
+      pack_xt(x2.data_ptr<float>(), K, nullptr, M, K, xt.data());
+    constexpr int64_t rows = 32;
+    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& tile) {
+      const int64_t n0 = u * rows, nr = std::min(N, n0 + rows) - n0;
+      tile.resize(rows * K);
+      widen_bf16_avx512(static_cast<const bf16_t*>(w.data_ptr()) + n0 * K, tile.data(), nr * K);
+      std::fill(tile.begin() + nr * K, tile.end(), 0.f);
+      gemm_tile(tile.data(), nr, xt.data(), M, K, op + n0, N);
+      add_bias(n0, n0 + nr);
+    });
+  } else {
+    // GEMV (or any size without AVX-512): the weights stream once through the dot-product kernels.
+    // Only the bf16 GEMV on AVX512_BF16 reads x as bf16; everything else reads fp32.
+    const bool x_bf16 = bf16 && isa == Isa::Avx512Bf16 && M <= kGemvMaxRows;
+    if (!x_bf16) x2 = x2.to(at::kFloat).contiguous();
+    const DenseArgs a{w.data_ptr(), K, x2.data_ptr(), K, M, K, op, N};
+    const bool widen = M > kGemvMaxRows && bf16;
+    const DenseKernel& kern = dense_kernel(isa, bf16 && !widen, x_bf16);
+    const int64_t rows = rows_per_unit(N);
+    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& buf) {
+      const int64_t n0 = u * rows, n1 = std::min(N, n0 + rows);
+      if (widen)
+        dense_rows_widened(kern, a, n0, n1, buf);
+      else
+        dense_rows(kern, a, n0, n1);
+      add_bias(n0, n1);
+    });
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return out.to(x.scalar_type()).view(sizes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoE experts: out[t] = sum_j w[t, j] * (down_e(swiglu(gate_up_e(x[t]) + b)) + b_down), e = idx[t, j].
+//
+// Tokens are grouped by expert. An expert with few tokens (decode) runs the MXFP4 product straight
+// from the packed bytes; an expert with many tokens (prefill) has its rows dequantized once, a
+// tile of rows at a time into a per-thread fp32 buffer that stays in L2, and multiplied with the
+// dense kernel. Each projection (gate_up, then down) is one parallel sweep over (expert, row
+// block) units; the weighted sum is a third sweep over tokens. Everything accumulates in fp32.
+
+static constexpr int64_t kFusedMaxTokens = 4;  // more tokens than this on an expert: dequantized tiles
+static constexpr int64_t kTileRows = 32;       // rows per tile: 32 x 2880 fp32 = 368 KB
+static constexpr int64_t kFusedRows = 64;      // rows per unit on the packed path
+static constexpr int64_t kTokenChunk = 512;    // tokens per pass (bounds the intermediate buffers)
+
+struct ExpertGroup {
+  int64_t expert;
+  int64_t first;  // offset of its first assignment in the sorted lists
+  int64_t count;
+  bool fused;
+  int64_t x_off;  // offset of its inputs in the packed input buffer (floats)
+};
+
+// Copies the inputs of every group: fused groups in the prepared layout, tile groups as plain rows.
+// Row i of group g is source row rows[g.first + i] (or g.first + i without `rows`).
+template <class T>
+static void pack_inputs(MxKind kind, std::vector<ExpertGroup>& groups, const T* src, int64_t K,
+                        const int64_t* rows, std::vector<float>& buf) {
+  const int64_t ld_fused = mx_prepared_len(kind, K);
+  int64_t total = 0;
+  for (auto& g : groups) {
+    g.x_off = total;
+    total += g.fused ? g.count * ld_fused : kind == MxKind::Avx512 ? gemm_mpad(g.count) * K : g.count * K;
+    total = (total + 15) / 16 * 16;
+  }
+  buf.resize(total);
+  parallel_units(static_cast<int64_t>(groups.size()), [&](int64_t gi, std::vector<float>&) {
+    const ExpertGroup& g = groups[gi];
+    if (!g.fused && kind == MxKind::Avx512) {
+      if (rows)
+        pack_xt(src, K, rows + g.first, g.count, K, buf.data() + g.x_off);
+      else
+        pack_xt(src + g.first * K, K, nullptr, g.count, K, buf.data() + g.x_off);
+      return;
+    }
+    for (int64_t i = 0; i < g.count; ++i) {
+      const T* row = src + (rows ? rows[g.first + i] : g.first + i) * K;
+      if (g.fused) {
+        prepare_x_mx(kind, row, K, buf.data() + g.x_off + i * ld_fused);
+      } else {
+        float* d = buf.data() + g.x_off + i * K;
+        for (int64_t k = 0; k < K; ++k) d[k] = to_f32(row[k]);
+      }
+    }
+  });
+}
+
+// One projection for every used expert: Y_e [count, rows] = X_e @ W_e^T, into y at row g.first.
+static void expert_projection(Isa isa, MxKind kind, const std::vector<ExpertGroup>& groups, const uint8_t* blocks,
+                              const uint8_t* scales, int64_t rows, int64_t K, const float* xbuf, float* y,
+                              int64_t ldy) {
+  const int64_t nblk = K / 32, ld_fused = mx_prepared_len(kind, K);
+  struct Unit {
+    int64_t g, r0, r1;
+  };
+  std::vector<Unit> units;
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+    const int64_t step = groups[g].fused ? kFusedRows : kTileRows;
+    for (int64_t r = 0; r < rows; r += step) units.push_back({g, r, std::min(rows, r + step)});
+  }
+  const MxKernel& mxk = mx_kernel(kind);
+  const DenseKernel& dk = dense_kernel(isa, false, false);
+  parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& tile) {
+    const Unit& un = units[ui];
+    const ExpertGroup& grp = groups[un.g];
+    const uint8_t* eb = blocks + grp.expert * rows * nblk * 16;
+    const uint8_t* es = scales + grp.expert * rows * nblk;
+    float* yg = y + grp.first * ldy;
+    if (grp.fused) {
+      const MxArgs a{eb, es, nblk, xbuf + grp.x_off, ld_fused, grp.count, yg, ldy};
+      mx_rows(mxk, a, un.r0, un.r1);
+      return;
+    }
+    // Dequantize rows r0..r1 into the tile, then a dense product over all of the expert's tokens.
+    const int64_t nr = un.r1 - un.r0;
+    tile.resize((nr + 15) / 16 * 16 * K);
+    decode_rows(isa, eb + un.r0 * nblk * 16, es + un.r0 * nblk, nblk, nr, tile.data());
+    if (kind == MxKind::Avx512) {
+      std::fill(tile.begin() + nr * K, tile.end(), 0.f);
+      gemm_tile(tile.data(), nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
+      return;
+    }
+    const DenseArgs a{tile.data(), K, xbuf + grp.x_off, K, grp.count, K, yg + un.r0, ldy};
+    dense_rows(dk, a, 0, nr);
+  });
+}
+
+at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
+                       const at::Tensor& gu_blocks_, const at::Tensor& gu_scales_, const at::Tensor& gu_bias,
+                       const at::Tensor& dn_blocks_, const at::Tensor& dn_scales_, const at::Tensor& dn_bias,
+                       double swiglu_limit) {
+  TORCH_CHECK(x_.dim() == 2, "moe_experts: x must be [N, H]");
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16,
+              "moe_experts: x must be float32 or bfloat16");
+  TORCH_CHECK(gu_blocks_.scalar_type() == at::kByte && dn_blocks_.scalar_type() == at::kByte &&
+                  gu_scales_.scalar_type() == at::kByte && dn_scales_.scalar_type() == at::kByte,
+              "moe_experts: MXFP4 blocks and scales must be uint8");
+  const int64_t N = x_.size(0), H = x_.size(1);
+  TORCH_CHECK(gu_blocks_.dim() == 4 && gu_blocks_.size(2) * 32 == H && gu_blocks_.size(3) == 16,
+              "moe_experts: gate_up_blocks must be [E, 2I, H/32, 16] with H = ", H);
+  const int64_t E = gu_blocks_.size(0), I2 = gu_blocks_.size(1), I = I2 / 2;
+  TORCH_CHECK(dn_blocks_.dim() == 4 && dn_blocks_.size(0) == E && dn_blocks_.size(1) == H &&
+                  dn_blocks_.size(2) * 32 == I && dn_blocks_.size(3) == 16,
+              "moe_experts: down_blocks must be [E, H, I/32, 16]");
+  TORCH_CHECK(gu_scales_.numel() == E * I2 * (H / 32) && dn_scales_.numel() == E * H * (I / 32),
+              "moe_experts: scales do not match the blocks");
+  TORCH_CHECK(expert_indices.dim() == 2 && expert_indices.size(0) == N &&
+                  expert_weights.sizes() == expert_indices.sizes(),
+              "moe_experts: expert_indices and expert_weights must be [N, k]");
+  const int64_t topk = expert_indices.size(1);
+  auto out = at::zeros({N, H}, x_.options().dtype(at::kFloat));
+  if (N == 0 || topk == 0) return out.to(x_.scalar_type());
+
+  const Isa isa = g_isa;
+  const MxKind kind = mx_kind(isa);
+  const bool x_bf16 = x_.scalar_type() == at::kBFloat16;
+  auto x = x_.contiguous();
+  auto idx = expert_indices.to(at::kLong).contiguous();
+  auto wts = expert_weights.to(at::kFloat).contiguous();
+  auto gub = gu_blocks_.contiguous(), gus = gu_scales_.contiguous();
+  auto dnb = dn_blocks_.contiguous(), dns = dn_scales_.contiguous();
+  auto gubias = gu_bias.to(at::kFloat).contiguous(), dnbias = dn_bias.to(at::kFloat).contiguous();
+  TORCH_CHECK(gubias.numel() == E * I2 && dnbias.numel() == E * H, "moe_experts: bias shapes do not match");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * topk; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < E, "moe_experts: expert index ", ip[i], " out of range [0, ", E, ")");
+  const float* wp = wts.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float limit = static_cast<float>(swiglu_limit);
+  const float* gbias = gubias.data_ptr<float>();
+  const float* dbias = dnbias.data_ptr<float>();
+  std::vector<float> xbuf, h, act, y;
+
+  for (int64_t t0 = 0; t0 < N; t0 += kTokenChunk) {
+    const int64_t t1 = std::min(N, t0 + kTokenChunk), nt = t1 - t0, rows_total = nt * topk;
+    // Group the (token, slot) assignments of this chunk by expert (a counting sort); a token that
+    // lists an expert twice gets two rows, as in the reference.
+    std::vector<int64_t> start(E + 1, 0);
+    for (int64_t i = t0 * topk; i < t1 * topk; ++i) ++start[ip[i] + 1];
+    for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+    std::vector<int64_t> fill(start.begin(), start.end() - 1), tok(rows_total), row_of(rows_total), expert_of_row(rows_total);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < topk; ++j) {
+        const int64_t e = ip[t * topk + j], r = fill[e]++;
+        tok[r] = t;
+        expert_of_row[r] = e;
+        row_of[(t - t0) * topk + j] = r;
+      }
+    std::vector<ExpertGroup> groups;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t count = start[e + 1] - start[e];
+      if (count) groups.push_back({e, start[e], count, count <= kFusedMaxTokens, 0});
+    }
+
+    // 1. gate_up
+    if (x_bf16)
+      pack_inputs(kind, groups, static_cast<const bf16_t*>(x.data_ptr()), H, tok.data(), xbuf);
+    else
+      pack_inputs(kind, groups, x.data_ptr<float>(), H, tok.data(), xbuf);
+    h.resize(rows_total * I2);
+    expert_projection(isa, kind, groups, gub.data_ptr<uint8_t>(), gus.data_ptr<uint8_t>(), I2, H, xbuf.data(),
+                      h.data(), I2);
+
+    // 2. bias + SwiGLU; with bf16 activations the result is rounded to bf16 like the reference's.
+    act.resize(rows_total * I);
+    parallel_units(rows_total, [&](int64_t r, std::vector<float>& scratch) {
+      scratch.resize(2 * I);
+      float* a = act.data() + r * I;
+      swiglu_row(isa, h.data() + r * I2, gbias + expert_of_row[r] * I2, scratch.data(), scratch.data() + I, a, I,
+                 limit);
+      if (x_bf16)
+        for (int64_t i = 0; i < I; ++i) a[i] = bf16_to_f32(f32_to_bf16(a[i]));
+    });
+
+    // 3. down
+    pack_inputs(kind, groups, act.data(), I, nullptr, xbuf);
+    y.resize(rows_total * H);
+    expert_projection(isa, kind, groups, dnb.data_ptr<uint8_t>(), dns.data_ptr<uint8_t>(), H, I, xbuf.data(),
+                      y.data(), H);
+
+    // 4. out[t] = sum_j w[t, j] * (y_row + down bias), accumulated in slot order.
+    parallel_units(nt, [&](int64_t tt, std::vector<float>&) {
+      const int64_t t = t0 + tt;
+      float* o = op + t * H;
+      for (int64_t j = 0; j < topk; ++j) {
+        const float w = wp[t * topk + j];
+        const float* yr = y.data() + row_of[tt * topk + j] * H;
+        const float* br = dbias + ip[t * topk + j] * H;
+        for (int64_t c = 0; c < H; ++c) o[c] += w * (yr[c] + br[c]);
+      }
+    });
+  }
+  return out.to(x_.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test and benchmark helpers
+
+at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_, bool to_bf16) {
+  TORCH_CHECK(blocks_.scalar_type() == at::kByte && scales_.scalar_type() == at::kByte, "blocks/scales must be uint8");
+  TORCH_CHECK(blocks_.dim() >= 2 && blocks_.size(-1) == 16, "blocks must be [..., K/32, 16]");
+  auto blocks = blocks_.contiguous(), scales = scales_.contiguous();
+  const int64_t nblk = blocks.size(-2), rows = scales.numel() / std::max<int64_t>(nblk, 1);
+  TORCH_CHECK(scales.numel() * 16 == blocks.numel(), "scales do not match blocks");
+  auto out32 = at::empty({rows, nblk * 32}, blocks.options().dtype(at::kFloat));
+  const Isa isa = g_isa;
+  parallel_units(rows, [&](int64_t r, std::vector<float>&) {
+    decode_rows(isa, blocks.data_ptr<uint8_t>() + r * nblk * 16, scales.data_ptr<uint8_t>() + r * nblk, nblk, 1,
+                out32.data_ptr<float>() + r * nblk * 32);
+  });
+  auto sizes = scales.sizes().vec();
+  sizes.back() = nblk * 32;
+  if (!to_bf16) return out32.view(sizes);
+  auto out = at::empty({rows, nblk * 32}, blocks.options().dtype(at::kBFloat16));
+  f32_to_bf16_row(isa, out32.data_ptr<float>(), reinterpret_cast<bf16_t*>(out.data_ptr()), out32.numel());
+  return out.view(sizes);
+}
+
+// Reads every byte of t once with 2 loads per cycle per thread: the machine's read bandwidth.
+T_AVX2 static uint64_t xor_reduce_avx2(const uint8_t* p, int64_t n) {
+  __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a = _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i*)(p + i)));
+    b = _mm256_xor_si256(b, _mm256_loadu_si256((const __m256i*)(p + i + 32)));
+  }
+  a = _mm256_xor_si256(a, b);
+  uint64_t r[4];
+  _mm256_storeu_si256((__m256i*)r, a);
+  uint64_t s = r[0] ^ r[1] ^ r[2] ^ r[3];
+  for (; i < n; ++i) s ^= p[i];
+  return s;
+}
+
+int64_t read_probe(const at::Tensor& t_) {
+  auto t = t_.contiguous();
+  const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
+  const int64_t n = t.numel() * t.element_size();
+  const int64_t chunk = 1 << 20;
+  std::atomic<uint64_t> acc{0};
+  const bool simd = g_best >= Isa::Avx2;
+  parallel_units((n + chunk - 1) / chunk, [&](int64_t u, std::vector<float>&) {
+    const int64_t b = u * chunk, len = std::min(chunk, n - b);
+    uint64_t s = 0;
+    if (simd)
+      s = xor_reduce_avx2(p + b, len);
+    else
+      for (int64_t i = 0; i < len; ++i) s ^= p[b + i];
+    acc.fetch_xor(s);
+  });
+  return static_cast<int64_t>(acc.load());
+}
+
+}  // namespace gptoss
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gptoss CPU kernels (see gptoss/ops/cpu/kernels.cpp)";
+  m.def("supported_isas", &gptoss::supported_isas, "ISA paths this CPU supports, best first");
+  m.def("get_isa", &gptoss::get_isa, "the ISA path in use");
+  m.def("set_isa", &gptoss::set_isa, "force an ISA path: avx512bf16, avx512, avx2 or scalar");
+  m.def("linear", &gptoss::linear, "y = x W^T + b", pybind11::arg("x"), pybind11::arg("weight"),
+        pybind11::arg("bias") = pybind11::none());
+  m.def("moe_experts", &gptoss::moe_experts, "MXFP4 experts with clamped SwiGLU");
+  m.def("attention", &gptoss::attention, "attention with sinks, GQA and sliding window");
+  m.def("mxfp4_dequantize", &gptoss::mxfp4_dequantize, "MXFP4 -> float32 (or bfloat16 with to_bf16)");
+  m.def("read_probe", &gptoss::read_probe, "read a tensor once as fast as possible (bandwidth probe)");
+}

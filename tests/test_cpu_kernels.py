@@ -1,0 +1,307 @@
+"""The C++ CPU kernels against their plain-torch reference twins, on every ISA path this CPU runs.
+
+The first test run builds the extension (about half a minute); later runs load it from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptoss import mxfp4, ops
+from gptoss.ops import cpu, reference
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"CPU kernels unavailable: {cpu.unavailable_reason()}")
+
+ALL_ISAS = ("avx512bf16", "avx512", "avx2", "scalar")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request):
+    """Run the test once per instruction-set path; skip those this CPU lacks."""
+    if request.param not in cpu.supported_isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    before = cpu.isa()
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(before)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32: 1e-4 of the output's scale; bf16: a few bf16 roundings (2^-8 = 0.4%)."""
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 1.6e-2
+    scale = ref.float().abs().max().clamp(min=1e-6)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * scale)
+
+
+# ---------------------------------------------------------------------------------------------- api
+
+
+def test_isa_api():
+    assert cpu.available()
+    supported = cpu.supported_isas()
+    assert supported[-1] == "scalar" and cpu.isa() in supported
+    before = cpu.isa()
+    try:
+        for name in supported:
+            cpu.set_isa(name)
+            assert cpu.isa() == name
+        with pytest.raises(RuntimeError, match="unknown ISA"):
+            cpu.set_isa("sse9")
+        missing = [name for name in ALL_ISAS if name not in supported]
+        for name in missing:
+            with pytest.raises(RuntimeError, match="does not support"):
+                cpu.set_isa(name)
+    finally:
+        cpu.set_isa(before)
+
+
+def test_env_var_forces_isa():
+    code = "from gptoss.ops import cpu; print(cpu.isa())"
+    env = dict(os.environ, GPTOSS_CPU_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "scalar"
+
+
+def test_build_failure_falls_back_to_reference(tmp_path):
+    """No compiler: one warning, then every op runs the plain-torch reference."""
+    code = (
+        "import torch\n"
+        "from gptoss import ops\n"
+        "from gptoss.ops import cpu\n"
+        "x, w = torch.randn(2, 64), torch.randn(8, 64)\n"
+        "assert torch.equal(ops.linear(x, w), torch.nn.functional.linear(x, w))\n"
+        "ops.linear(x, w)\n"
+        "assert not cpu.available() and cpu.isa() == 'reference'\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), GPTOSS_CACHE=str(tmp_path / "cache"))
+    env.pop("GPTOSS_CPU_ISA", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    warnings = [line for line in out.stderr.splitlines() if "using the plain-torch reference" in line]
+    assert len(warnings) == 1, out.stderr
+
+
+def test_dispatch_uses_kernels_on_cpu_and_honours_reference_env(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "linear", lambda *a: calls.append("linear") or reference.linear(*a))
+    x, w = torch.randn(1, 64), torch.randn(8, 64)
+    ops.linear(x, w)
+    assert calls == ["linear"]
+    monkeypatch.setenv("GPTOSS_KERNELS", "reference")
+    ops.linear(x, w)
+    assert calls == ["linear"]
+
+
+def test_autograd_falls_back_to_reference():
+    x = torch.randn(2, 64, requires_grad=True)
+    w = torch.randn(8, 64)
+    ops.linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1))
+
+
+# ------------------------------------------------------------------------------------------- mxfp4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_decode_all_bytes_and_extreme_scales(isa, dtype):
+    # Every byte value (16 blocks of 16 bytes) under scales 0, 1, 2, 127, 128, 253, 254 and 255 (NaN).
+    blocks = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
+    scale_values = torch.tensor([0, 1, 2, 127, 128, 253, 254, 255], dtype=torch.uint8)
+    blocks = blocks.expand(len(scale_values), 16, 16).contiguous()
+    scales = scale_values[:, None].expand(-1, 16).contiguous()
+    # Also a row that mixes scales block by block, and an odd number of blocks (not a multiple of 4).
+    mixed_scales = torch.tensor([[0, 254, 127, 1, 255, 120, 130, 2, 3, 250, 126, 127, 128]], dtype=torch.uint8)
+    mixed_blocks = torch.randint(0, 256, (1, 13, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for b, s in ((blocks, scales), (mixed_blocks, mixed_scales)):
+        out = cpu.mxfp4_dequantize(b, s, dtype)
+        ref = mxfp4.dequantize(b, s, dtype)
+        assert out.dtype == dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(out.signbit() & ~out.isnan(), ref.signbit() & ~ref.isnan())  # -0 stays -0
+
+
+# ------------------------------------------------------------------------------------------ linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 37, 64), (2, 5, 100), (3, 67, 48), (4, 33, 2880),
+                                   (5, 19, 96), (37, 41, 160), (1, 257, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(isa, dtype, m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    out = cpu.linear(x, w, b)
+    close(out, reference.linear(x.float(), w.float(), None if b is None else b.float()), dtype)
+    close(out, reference.linear(x, w, b), dtype)
+
+
+def test_linear_keeps_leading_dims(isa):
+    x = torch.randn(2, 3, 64).bfloat16()
+    w = torch.randn(10, 64).bfloat16()
+    out = cpu.linear(x, w)
+    assert out.shape == (2, 3, 10)
+    close(out, reference.linear(x.float(), w.float()), torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------ experts
+
+
+def make_experts(e: int, h: int, i: int, bias_dtype: torch.dtype, seed: int, limit: float = 7.0):
+    g = torch.Generator().manual_seed(seed)
+    gub, gus = mxfp4.quantize(torch.randn(e, 2 * i, h, generator=g) * 0.3)
+    dnb, dns = mxfp4.quantize(torch.randn(e, h, i, generator=g) * 0.3)
+    return reference.ExpertWeights(gub, gus, torch.randn(e, 2 * i, generator=g).to(bias_dtype),
+                                   dnb, dns, torch.randn(e, h, generator=g).to(bias_dtype), limit)
+
+
+def fp32_experts(ew: reference.ExpertWeights) -> reference.ExpertWeights:
+    return reference.ExpertWeights(ew.gate_up_blocks, ew.gate_up_scales, ew.gate_up_bias.float(), ew.down_blocks,
+                                   ew.down_scales, ew.down_bias.float(), ew.swiglu_limit)
+
+
+def route(n: int, e: int, topk: int, seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, e, generator=g)
+    return reference.route(logits.to(dtype), topk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 3, 37])
+@pytest.mark.parametrize("e,topk", [(1, 1), (5, 1), (5, 2), (6, 4)])
+@pytest.mark.parametrize("h,i", [(96, 64), (160, 32)])
+def test_moe_experts(isa, dtype, n, e, topk, h, i):
+    seed = n * 7 + e * 3 + topk + h + i
+    ew = make_experts(e, h, i, dtype, seed)
+    x = (torch.randn(n, h, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
+    idx, wts = route(n, e, topk, seed, dtype)
+    out = cpu.moe_experts(x, idx, wts, ew)
+    close(out, reference.moe_experts(x.float(), idx, wts.float(), fp32_experts(ew)), dtype)
+    if dtype == torch.bfloat16:
+        close(out, reference.moe_experts(x, idx, wts, ew), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_repeated_and_duplicate_experts(isa, dtype):
+    """Tokens share experts, one token lists an expert twice, and some experts see > 4 tokens."""
+    ew = make_experts(3, 64, 96, torch.float32, 5, limit=1.5)
+    n = 11
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    idx = torch.tensor([[0, 1], [1, 0], [2, 2], [0, 0]] + [[1, 2]] * 7)
+    wts = torch.softmax(torch.randn(n, 2, generator=torch.Generator().manual_seed(3)), -1).to(dtype)
+    out = cpu.moe_experts(x, idx, wts, ew)
+    close(out, reference.moe_experts(x.float(), idx, wts.float(), ew), dtype)
+
+
+def test_moe_wide_scales_and_zero_blocks(isa):
+    """Scales far from 127 and all-zero blocks (which take the smallest scale, 0)."""
+    g = torch.Generator().manual_seed(9)
+    w_gu = torch.randn(2, 64, 64, generator=g) * torch.logspace(-12, 12, 64)[None, None, :]
+    w_gu[:, :, :32] = 0
+    w_dn = torch.randn(2, 64, 32, generator=g) * 1e-6
+    gub, gus = mxfp4.quantize(w_gu)
+    dnb, dns = mxfp4.quantize(w_dn)
+    assert (gus == 0).any()
+    ew = reference.ExpertWeights(gub, gus, torch.zeros(2, 64), dnb, dns, torch.zeros(2, 64), 1e30)
+    x = torch.randn(3, 64, generator=g) * torch.logspace(6, -6, 64)
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    wts = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.1, 0.9]])
+    close(cpu.moe_experts(x, idx, wts, ew), reference.moe_experts(x, idx, wts, ew), torch.float32)
+
+
+def test_moe_rejects_bad_expert_index():
+    ew = make_experts(2, 32, 32, torch.float32, 0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.moe_experts(torch.randn(1, 32), torch.tensor([[2]]), torch.ones(1, 1), ew)
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+
+def attention_case(b, t, s, n_q, n_kv, d, dtype, seed, holes=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, n_q, d, generator=g).to(dtype)
+    k = torch.randn(b, s, n_kv, d, generator=g).to(dtype)
+    v = torch.randn(b, s, n_kv, d, generator=g).to(dtype)
+    sinks = torch.randn(n_q, generator=g).to(dtype)
+    # Row r holds positions shifted by r; the new queries are the last t positions.
+    k_pos = torch.arange(s)[None].repeat(b, 1) + torch.arange(b)[:, None]
+    if holes and s > 2:
+        k_pos[0, 1] = -1  # empty cache slots
+        k_pos[-1, -3] = -1
+    q_pos = k_pos[:, -t:].clone() if t <= s else torch.arange(t)[None].repeat(b, 1)
+    q_pos = torch.where(q_pos < 0, q_pos.max(), q_pos)
+    return q, k, v, sinks, q_pos, k_pos
+
+
+# (rows, queries, keys, query heads, kv heads, head dim): GQA ratios 1, 2 and 8, head dims that take
+# the generic path (8, 20) and the AVX-512 group kernel (16, 48, 64), decode and multi-query rows.
+ATTENTION_CASES = [
+    (1, 1, 1, 2, 2, 64), (1, 1, 40, 8, 1, 64), (2, 1, 7, 4, 2, 64), (2, 1, 40, 16, 2, 48),
+    (1, 1, 33, 8, 8, 16), (2, 3, 40, 4, 2, 64), (1, 16, 33, 16, 2, 64), (2, 1, 40, 8, 1, 8),
+    (1, 3, 21, 4, 2, 20), (1, 1, 129, 64, 8, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,t,s,n_q,n_kv,d", ATTENTION_CASES)
+@pytest.mark.parametrize("window", [0, 4])
+def test_attention(isa, dtype, b, t, s, n_q, n_kv, d, window):
+    q, k, v, sinks, q_pos, k_pos = attention_case(b, t, s, n_q, n_kv, d, dtype, seed=b + t + s + n_q + d)
+    out = cpu.attention(q, k, v, sinks, q_pos, k_pos, window)
+    ref = reference.attention(q.float(), k.float(), v.float(), sinks.float(), q_pos, k_pos, window)
+    close(out, ref, dtype)
+
+
+def test_attention_query_that_sees_nothing_gives_zero(isa):
+    """All keys in the future or empty: the sink takes all the probability."""
+    q, k, v, sinks, _, _ = attention_case(1, 1, 6, 4, 2, 16, torch.float32, 0, holes=False)
+    k_pos = torch.tensor([[-1, -1, -1, 3, 4, 5]])
+    q_pos = torch.tensor([[2]])
+    out = cpu.attention(q, k, v, sinks, q_pos, k_pos, 0)
+    ref = reference.attention(q, k, v, sinks, q_pos, k_pos, 0)
+    assert torch.equal(out, torch.zeros_like(out))
+    close(out, ref, torch.float32)
+
+
+def test_attention_large_logits_are_stable(isa):
+    q, k, v, sinks, q_pos, k_pos = attention_case(1, 1, 30, 4, 2, 16, torch.float32, 3)
+    q = q * 40
+    sinks = sinks * 50
+    close(cpu.attention(q, k, v, sinks, q_pos, k_pos, 0), reference.attention(q, k, v, sinks, q_pos, k_pos, 0),
+          torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def test_model_forward_matches_reference(tiny_checkpoint, monkeypatch):
+    """The tiny model, prefill then two decode steps with a cache, kernels against the reference."""
+    from gptoss.model import Model
+
+    model = Model.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        cache = model.new_cache(2)
+        logits = [model(tokens[:, :9], cache=cache, last_only=True)]
+        for i in (9, 10):
+            logits.append(model(tokens[:, i:i + 1], cache=cache))
+        return torch.cat(logits, dim=1)
+
+    with torch.no_grad():
+        fast = run()
+        monkeypatch.setenv("GPTOSS_KERNELS", "reference")
+        slow = run()
+    close(fast, slow, torch.float32)
