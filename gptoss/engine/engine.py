@@ -67,9 +67,9 @@ class LLMEngine:
         full_bytes = ModelRunner.bytes_per_block(config, BLOCK_SIZE, model.dtype, sliding=False)
         sliding_bytes = ModelRunner.bytes_per_block(config, BLOCK_SIZE, model.dtype, sliding=True)
         window_pages = -(-config.sliding_window // BLOCK_SIZE)
-        # Each running sequence reads at most a window of pages and writes at most a window more;
-        # the spare half keeps recent pages for the prefix cache.
-        num_sliding = max_num_seqs * (2 * window_pages + 2) + max_num_seqs * (window_pages + 1)
+        # Between steps each sequence holds a window of pages; a step writes up to its token budget
+        # more. Twice that leaves room to keep recent pages findable for the prefix cache.
+        num_sliding = 2 * (max_num_seqs * (window_pages + 2) + -(-max_batched_tokens // BLOCK_SIZE))
         size = parse_size(kv_cache_size) or ("tokens", 32 * 4096)
         if size[0] == "tokens":
             num_full = -(-size[1] // BLOCK_SIZE)

@@ -4,8 +4,10 @@ A sequence's tokens are cut into pages of `block_size`. Each page of computed to
 block in two pools:
 
 * the full pool, for layers with full attention: every page of the sequence;
-* the sliding pool, for sliding-window layers: only the pages the window can still see, so a
-  sequence holds at most about `window` positions there however long it grows.
+* the sliding pool, for sliding-window layers: only the pages the window can still see, so
+  between steps a sequence holds at most about `window` positions there however long it grows.
+  A step writes all its new tokens there; the pages that fall out of the window are released
+  right after it (kept findable for the prefix cache).
 
 A page that is completely computed gets a hash of its tokens and of every token before it.
 When its last holder lets go, the block stays in the pool, evictable, so that a later request
@@ -90,11 +92,6 @@ class KVCacheManager:
         """The first page a query at `position` can see through the sliding window."""
         return self._page(max(position - self.window + 1, 0))
 
-    def sliding_write_start(self, computed: int, num_new: int) -> int:
-        """The first new position the sliding layers store: only the last window's pages matter."""
-        start = self._page(max(computed + num_new - self.window, 0)) * self.block_size
-        return max(computed, start)
-
     def page_hashes(self, seq: Sequence, num_tokens: int) -> list[int]:
         hashes = self._hashes.setdefault(id(seq), [])
         tokens = seq.token_ids
@@ -132,8 +129,8 @@ class KVCacheManager:
     def _needed(self, seq: Sequence, num_new: int) -> tuple[list[int], list[int]]:
         end = seq.num_computed + num_new
         full_pages = list(range(len(seq.full_blocks), self._page(end - 1) + 1))
-        start = self.sliding_write_start(seq.num_computed, num_new)
-        sliding_pages = [p for p in range(self._page(start), self._page(end - 1) + 1) if p not in seq.sliding_blocks]
+        sliding_pages = [p for p in range(self._page(seq.num_computed), self._page(end - 1) + 1)
+                         if p not in seq.sliding_blocks]
         return full_pages, sliding_pages
 
     def can_reserve(self, seq: Sequence, num_new: int) -> bool:
@@ -159,13 +156,14 @@ class KVCacheManager:
             self.sliding.release(seq.sliding_blocks.pop(p))
 
     def commit(self, seq: Sequence) -> None:
-        """After a step computed tokens up to seq.num_computed: make complete pages findable."""
-        if not self.prefix_caching:
-            return
-        for page, page_hash in enumerate(self.page_hashes(seq, seq.num_computed)):
-            self.full.register(seq.full_blocks[page], page_hash)
-            if page in seq.sliding_blocks:
-                self.sliding.register(seq.sliding_blocks[page], page_hash)
+        """After a step computed tokens up to seq.num_computed: make complete pages findable, and
+        let go of the sliding pages that the next token can no longer see."""
+        if self.prefix_caching:
+            for page, page_hash in enumerate(self.page_hashes(seq, seq.num_computed)):
+                self.full.register(seq.full_blocks[page], page_hash)
+                if page in seq.sliding_blocks:
+                    self.sliding.register(seq.sliding_blocks[page], page_hash)
+        self._drop_pages_out_of_window(seq, seq.num_computed)
 
     def free(self, seq: Sequence) -> None:
         for block in seq.full_blocks:

@@ -87,14 +87,11 @@ class ModelRunner:
                 pages = [p for p in range(self.kv.first_visible_page(computed), -(-computed // bs))
                          if p in seq.sliding_blocks]
                 table = seq.sliding_blocks
-                start = self.kv.sliding_write_start(computed, item.num_tokens)
             else:
                 pages = list(range(-(-computed // bs)))
                 table = dict(enumerate(seq.full_blocks))
-                start = computed
             gather_pages.append([(p, table[p]) for p in pages])
-            row = [table[p // bs] * bs + p % bs if p >= start else -1
-                   for p in range(computed, computed + item.num_tokens)]
+            row = [table[p // bs] * bs + p % bs for p in range(computed, computed + item.num_tokens)]
             stores.append(row + [-1] * (width - len(row)))
         num_pages = max((len(g) for g in gather_pages), default=0)
         page_ids = torch.tensor([[p for p, _ in g] + [-1] * (num_pages - len(g)) for g in gather_pages],
