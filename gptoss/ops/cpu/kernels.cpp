@@ -901,6 +901,9 @@ T_AVX512 static float exp_sub_sum_avx512(float* s, int64_t n, float mx) {
   return _mm512_reduce_add_ps(sum) + exp_sub_sum_scalar(s + i, n - i, mx);
 }
 
+// Rows of one kv head are Hkv * D apart, a stride the hardware prefetchers follow poorly.
+static constexpr int64_t kAttnPrefetchKeys = 16;
+
 // 16 vectors -> one vector of their 16 horizontal sums (lane i = sum of p[i]), in 45 shuffles/adds.
 T_AVX512 static INLINE __m512 reduce16(const __m512* p) {
   __m512 a[8], b[4], c[2];
@@ -924,6 +927,10 @@ T_AVX512 static void attn_values_heads_avx512(const float* p, int64_t ldp, const
   for (int h = 0; h < HB; ++h)
     for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < nv; ++i) {
+    if (i + kAttnPrefetchKeys < nv) {
+      const char* ahead = reinterpret_cast<const char*>(v + idx[i + kAttnPrefetchKeys] * stride);
+      for (int64_t c = 0; c < 16 * NC * static_cast<int64_t>(sizeof(T)); c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+    }
     const T* vr = v + idx[i] * stride;
     __m512 vv[NC];
     for (int c = 0; c < NC; ++c) vv[c] = load16(vr + 16 * c);
@@ -947,6 +954,10 @@ T_AVX512 static void attn_group_avx512(const float* q, int64_t group, const T* k
   for (int64_t j0 = 0; j0 < nv; j0 += 16) {
     const int64_t nj = std::min<int64_t>(16, nv - j0);
     for (int64_t jj = 0; jj < 16; ++jj) {
+      if (j0 + jj + kAttnPrefetchKeys < nv) {  // keys of one kv head are strided: prefetch by index
+        const char* ahead = reinterpret_cast<const char*>(k + idx[j0 + jj + kAttnPrefetchKeys] * stride);
+        for (int64_t c = 0; c < D * static_cast<int64_t>(sizeof(T)); c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+      }
       __m512 kv[NC];
       const T* kr = k + idx[j0 + std::min(jj, nj - 1)] * stride;  // past the end: repeat the last key
       for (int c = 0; c < NC; ++c) kv[c] = load16(kr + 16 * c);
