@@ -1,0 +1,146 @@
+"""The FastAPI app: routes, API-key check, request metrics, and `serve()` for `gptoss serve`."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from gptoss.server import chat_completions, completions, errors, responses
+from gptoss.server.state import ServerState
+
+log = logging.getLogger("gptoss.server")
+
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics")
+
+
+def _endpoint_label(path: str) -> str:
+    if path in _ENDPOINTS:
+        return path
+    for prefix in ("/v1/responses/", "/v1/models/"):
+        if path.startswith(prefix):
+            return prefix + "{id}"
+    return "other"
+
+
+class APIMiddleware:
+    """Checks the API key on /v1/* and counts every answer by endpoint and status (pure ASGI, so
+    streaming and disconnect detection pass through untouched)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = {"code": 499}  # stays 499 when the client leaves before any answer
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if path.startswith("/v1/") and self.state.api_key and not self._authorized(scope):
+                error = errors.invalid_api_key()
+                body = json.dumps(error.body()).encode()
+                await send_counted({"type": "http.response.start", "status": error.status,
+                                    "headers": [(b"content-type", b"application/json"),
+                                                (b"content-length", str(len(body)).encode()),
+                                                (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.state.metrics.requests.inc(1, _endpoint_label(path), str(status["code"]))
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                          self.state.api_key.encode())
+        return False
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            await state.engine.stop()
+
+    app = FastAPI(title="gptoss", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    errors.install(app)
+    app.include_router(chat_completions.router)
+    app.include_router(responses.router)
+    app.include_router(completions.router)
+    app.add_middleware(APIMiddleware, state=state)
+
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "gptoss",
+                "max_model_len": min(state.engine.context_length, state.engine.kv_cache_tokens)}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        state.check_model(name)
+        return JSONResponse(model_card())
+
+    @app.get("/health")
+    async def health():
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": state.model_name,
+                             "running": state.engine.num_active})
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def build_state(path: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
+                kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
+                progress: bool = True) -> ServerState:
+    """Load the model and wrap it for serving."""
+    from gptoss.engine.engine import LLMEngine
+    from gptoss.model import Model
+    from gptoss.server.async_engine import AsyncEngine
+    from gptoss.tokenizer import harmony_encoding, tiktoken_encoding
+
+    path = Path(path)
+    encoding, text_encoding = harmony_encoding(path), tiktoken_encoding(path)  # fail fast on a missing vocab
+    model = Model.from_pretrained(path, device=device, progress=progress)
+    engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs)
+    name = served_model_name or path.resolve().name
+    return ServerState(AsyncEngine(engine, max_queue=max_queue), encoding, text_encoding, name, api_key)
+
+
+def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until Ctrl-C (uvicorn)."""
+    import uvicorn
+
+    engine = state.engine
+    print(f"gptoss serve: {state.model_name} on http://{host}:{port}/v1 "
+          f"(KV cache {engine.kv_cache_tokens} tokens, {engine.max_num_seqs} sequences, "
+          f"queue {engine.max_queue}{', API key required' if state.api_key else ''})", flush=True)
+    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          **options) -> None:
+    run(build_state(path, **options), host=host, port=port, log_level=log_level)
