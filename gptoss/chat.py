@@ -25,6 +25,7 @@ TOOL_PREFIX = "functions."
 # A real header ("<|channel|>commentary to=functions.NAME <|constrain|>json") is about ten tokens;
 # one that runs on this long is not a header, and its tokens are shown as text.
 MAX_HEADER_TOKENS = 48
+FIRST_SPECIAL, MESSAGE = 199998, 200008  # special tokens start at <|startoftext|>; <|message|> opens content
 
 
 class ChatFormatError(ValueError):
@@ -92,6 +93,9 @@ def build_conversation(messages: list[dict], *, tools: list[dict] | None = None,
     instructions = []
     turns: list[Message] = []
     call_names: dict[str, str] = {}
+    # harmony 0.0.8 drops only the reasoning before the first answer; drop every answered turn's.
+    last_answer = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"
+                       and m.get("content") and not m.get("tool_calls")), default=-1)
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -102,7 +106,7 @@ def build_conversation(messages: list[dict], *, tools: list[dict] | None = None,
         elif role == "user":
             turns.append(Message.from_role_and_content(Role.USER, _text(m.get("content"), where)))
         elif role == "assistant":
-            turns += _assistant_turn(m, where, call_names)
+            turns += _assistant_turn(m, where, call_names, answered_later=i <= last_answer)
         elif role == "tool":
             call_id = m.get("tool_call_id")
             name = call_names.get(call_id) or m.get("name")
@@ -127,12 +131,18 @@ def build_conversation(messages: list[dict], *, tools: list[dict] | None = None,
     return Conversation.from_messages(conversation + turns)
 
 
-def _assistant_turn(m: dict, where: str, call_names: dict[str, str]) -> list[Message]:
+def _assistant_turn(m: dict, where: str, call_names: dict[str, str], answered_later: bool) -> list[Message]:
+    """`answered_later`: a final answer follows (in this message or a later one), so the turn's
+    reasoning is finished and is dropped, as harmony specifies for completed turns."""
     out = []
     reasoning = m.get("reasoning_content") or m.get("reasoning")
-    if reasoning:
+    if reasoning and not answered_later:
         out.append(Message.from_role_and_content(Role.ASSISTANT, _text(reasoning, where)).with_channel("analysis"))
-    for j, call in enumerate(m.get("tool_calls") or []):
+    content = m.get("content")
+    calls = m.get("tool_calls") or []
+    if content and calls:  # text beside tool calls is a preamble on commentary, said before the calls
+        out.append(Message.from_role_and_content(Role.ASSISTANT, _text(content, where)).with_channel("commentary"))
+    for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ChatFormatError(f"{where}.tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
@@ -142,8 +152,7 @@ def _assistant_turn(m: dict, where: str, call_names: dict[str, str]) -> list[Mes
         call_names[call.get("id", "")] = fn["name"]
         out.append(Message.from_role_and_content(Role.ASSISTANT, arguments).with_channel("commentary")
                    .with_recipient(TOOL_PREFIX + fn["name"]).with_content_type("<|constrain|>json"))
-    content = m.get("content")
-    if content:
+    if content and not calls:
         out.append(Message.from_role_and_content(Role.ASSISTANT, _text(content, where)).with_channel("final"))
     if not out:
         raise ChatFormatError(f"{where}: an assistant message needs content or tool_calls")
@@ -195,23 +204,40 @@ class StreamParser:
         self.broken = False
         self.segments: list[Segment] = []
         self.reasoning_tokens = 0
-        self._messages_done = 0
         self._header: list[int] = []  # tokens of a header not yet closed by <|message|>
+        # Reading the parser's state costs time proportional to the output so far, and only special
+        # tokens change it: read it after those alone, so a long answer stays linear.
+        self._state = self._parser.state.name
 
     def feed(self, token: int) -> list[Delta]:
-        if not self.broken:
-            try:
-                self._parser.process(token)
-            except Exception as exc:  # the Rust parser raises on anything off-format
-                return self._break(f"{exc}", [token])
-            if self._parser.state.name == "HEADER":
-                self._header.append(token)
-                if len(self._header) > MAX_HEADER_TOKENS:
-                    return self._break("a message header that never ends", [])
-                return []
-            self._header.clear()
-            return self._parsed_delta()
-        return self._plain_delta(token)
+        if self.broken:
+            return self._plain_delta(token)
+        try:
+            self._parser.process(token)
+        except Exception as exc:  # the Rust parser raises on anything off-format
+            return self._break(f"{exc}", [token])
+        if token >= FIRST_SPECIAL:
+            self._state = self._parser.state.name
+            if token == MESSAGE and self._state == "CONTENT":
+                # A message starts: a tool call with empty arguments still gets its segment.
+                self.segments.append(Segment(self._parser.current_channel, self._parser.current_recipient))
+            if self._state != "HEADER":
+                self._header.clear()
+        if self._state == "HEADER":
+            self._header.append(token)
+            if len(self._header) > MAX_HEADER_TOKENS:
+                return self._break("a message header that never ends", [])
+            return []
+        if self._state != "CONTENT" or not self.segments:
+            return []
+        segment = self.segments[-1]
+        if segment.channel == "analysis":
+            self.reasoning_tokens += 1
+        text = self._parser.last_content_delta or ""
+        if not text:
+            return []
+        segment.text += text
+        return [Delta(text, segment.channel, segment.recipient)]
 
     def flush(self) -> list[Delta]:
         """At the end of output: a header cut off by max_tokens is shown as text, not lost."""
@@ -222,23 +248,6 @@ class StreamParser:
         log.warning("model output is not valid harmony (%s); passing the rest on as plain text", why)
         pending, self._header = self._header + tokens, []
         return [d for t in pending for d in self._plain_delta(t)]
-
-    def _parsed_delta(self) -> list[Delta]:
-        parser = self._parser
-        channel, recipient = parser.current_channel, parser.current_recipient
-        if channel == "analysis":
-            self.reasoning_tokens += 1
-        done = len(parser.messages)
-        text = parser.last_content_delta or ""
-        if not text:
-            self._messages_done = done
-            return []
-        if not self.segments or done != self._messages_done or \
-                (self.segments[-1].channel, self.segments[-1].recipient) != (channel, recipient):
-            self.segments.append(Segment(channel, recipient))
-            self._messages_done = done
-        self.segments[-1].text += text
-        return [Delta(text, channel, recipient, parser.current_content_type)]
 
     def _plain_delta(self, token: int) -> list[Delta]:
         if token in (RETURN, CALL):

@@ -162,3 +162,34 @@ def test_random_tokens_never_raise(enc, tokens):
         parser.feed(t)
     parser.flush()
     parser.finish()
+
+
+def test_reasoning_of_every_answered_turn_is_dropped(enc):
+    messages = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "reasoning_content": "r1"},
+                {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "reasoning_content": "r2"},
+                {"role": "user", "content": "Q3"}]
+    text = enc.decode(render_prompt(enc, messages))
+    assert "r1" not in text and "r2" not in text and "A1" in text and "A2" in text
+
+
+def test_content_beside_tool_calls_is_a_commentary_preamble(enc):
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Let me check.", "reasoning_content": "think",
+                 "tool_calls": [{"id": "c", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c", "content": "sunny"}]
+    text = enc.decode(render_prompt(enc, messages, tools=[WEATHER]))
+    assert "<|channel|>commentary<|message|>Let me check.<|end|>" in text
+    assert text.index("Let me check.") < text.index("to=functions.get_weather")
+    assert "think" in text  # the turn is not answered yet: its reasoning stays
+
+
+def test_tool_call_with_empty_arguments_is_kept(enc):
+    out = parse_completion(enc, enc.encode("<|channel|>commentary to=functions.get_time <|constrain|>json"
+                                           "<|message|><|call|>", allowed_special="all"))
+    assert [c["function"] for c in out.tool_calls] == [{"name": "get_time", "arguments": ""}]
+
+
+def test_a_long_answer_parses_whole(enc):
+    body = enc.encode("word " * 4000)
+    out = parse_completion(enc, enc.encode("<|channel|>final<|message|>", allowed_special="all") + body)
+    assert out.content == "word " * 4000
