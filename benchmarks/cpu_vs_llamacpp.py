@@ -88,10 +88,10 @@ def ensure_gguf(cache: Path, checkpoint: Path, llama_src: Path) -> Path:
 
 
 def bench_llama(llama_src: Path, gguf: Path, prompt: int, gen: int, threads: int) -> dict:
-    # -mmp 0: load the weights into memory before timing. Two 13.8 GB files do not both fit in a
-    # 24 GB page cache, so a memory-mapped run would time disk reads.
+    # Caution: the two 13.8 GB files do not both fit a 24 GB page cache, so right after a gptoss
+    # run part of the GGUF is read from disk again (llama-bench's own warm-up pass helps only partly).
     out = run([str(llama_src / "build" / "bin" / "llama-bench"), "-m", str(gguf), "-p", str(prompt), "-n",
-               str(gen), "-t", str(threads), "-r", "1", "-mmp", "0", "-o", "json"], capture_output=True, text=True)
+               str(gen), "-t", str(threads), "-r", "1", "-o", "json"], capture_output=True, text=True)
     results = json.loads(out.stdout)
     speeds = {}
     for r in results:
