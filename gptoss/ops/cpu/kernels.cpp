@@ -1222,7 +1222,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 
 static constexpr int64_t kFusedMaxTokens = 4;  // more tokens than this on an expert: dequantized tiles
 static constexpr int64_t kTileRows = 32;       // rows per tile: 32 x 2880 fp32 = 368 KB
-static constexpr int64_t kFusedRows = 128;     // rows per unit on the packed path
+static constexpr int64_t kFusedRows = 64;      // rows per unit on the packed path
 static constexpr int64_t kTokenChunk = 512;    // tokens per pass (bounds the intermediate buffers)
 
 struct ExpertGroup {
@@ -1438,12 +1438,11 @@ at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_
   return out.view(sizes);
 }
 
-// Reads every byte of t once, with the kernels' prefetching: the read bandwidth there is to use.
+// Reads every byte of t once with 2 loads per cycle per thread: the machine's read bandwidth.
 T_AVX2 static uint64_t xor_reduce_avx2(const uint8_t* p, int64_t n) {
   __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
-    _mm_prefetch((const char*)p + i + kPrefetchBytes, _MM_HINT_T0);  // as the kernels do
     a = _mm256_xor_si256(a, _mm256_loadu_si256((const __m256i*)(p + i)));
     b = _mm256_xor_si256(b, _mm256_loadu_si256((const __m256i*)(p + i + 32)));
   }
