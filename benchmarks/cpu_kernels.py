@@ -13,7 +13,6 @@ round; "probe" is a plain read of memory timed in the same rounds, the bandwidth
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
