@@ -166,10 +166,12 @@ class KVCacheManager:
         self._drop_pages_out_of_window(seq, seq.num_computed)
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.full_blocks:
+        # Last page first: a cached prefix is only usable from its first page on, so the tail of a
+        # sequence must be the first to be evicted, not its head.
+        for block in reversed(seq.full_blocks):
             self.full.release(block)
-        for block in seq.sliding_blocks.values():
-            self.sliding.release(block)
+        for page in sorted(seq.sliding_blocks, reverse=True):
+            self.sliding.release(seq.sliding_blocks[page])
         seq.full_blocks.clear()
         seq.sliding_blocks.clear()
         self._hashes.pop(id(seq), None)

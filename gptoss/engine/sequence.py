@@ -17,7 +17,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a sequence is itself: compare by identity, not by its whole prompt
 class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
