@@ -220,6 +220,107 @@ def test_moe_wide_scales_and_zero_blocks(isa):
     close(cpu.moe_experts(x, idx, wts, ew), reference.moe_experts(x, idx, wts, ew), torch.float32)
 
 
+# The int8-activation path (AVX-512 VNNI + VBMI): against the reference fed the same int8 rounding.
+needs_int8 = pytest.mark.skipif(not cpu.int8_activations_supported(), reason="this CPU has no AVX-512 VNNI/VBMI")
+
+
+@pytest.fixture
+def int8_always():
+    before = cpu.int8_activations()
+    cpu.set_int8_activations("always")
+    yield
+    cpu.set_int8_activations(before)
+
+
+def test_round_to_int8_blocks():
+    x = torch.tensor([[0.0] * 32 + [1.0, -0.5, 0.25] + [0.0] * 29 + [127.0, 63.5, -1.4] + [0.0] * 29])
+    r = reference.round_to_int8_blocks(x)
+    assert torch.equal(r[0, :32], torch.zeros(32))  # an all-zero block stays zero
+    assert r[0, 32] == 1.0  # the block's largest value is exact
+    assert abs(r[0, 33] + 64 / 127) < 1e-7 and abs(r[0, 34] - 32 / 127) < 1e-7  # -63.5 ties to -64
+    assert r[0, 64] == 127.0 and r[0, 65] == 64.0 and r[0, 66] == -1.0  # 63.5 ties to even
+
+
+@needs_int8
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 17, 40])
+@pytest.mark.parametrize("h,i", [(96, 64), (160, 32), (608, 544), (2880, 64)])
+def test_moe_int8_activations_match_the_reference(int8_always, n, h, i):
+    """1..4 tokens per expert take the matrix-vector kernel, more the byte tiles; odd block counts."""
+    seed = n + h + i
+    ew = make_experts(4, h, i, torch.float32, seed)
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(seed)) * 2
+    idx, wts = route(n, 4, 2, seed, torch.float32)
+    out = cpu.moe_experts(x, idx, wts, ew)
+    ref = reference.moe_experts(x, idx, wts, ew, int8_activations=True)
+    assert_int8_close(out, ref)
+
+
+def assert_int8_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal up to fp32 summation order, except where an activation sat on a rounding midpoint.
+
+    The kernel's gate_up output differs from the reference's in the last bits, so now and then a
+    SwiGLU output rounds to the neighbouring int8 step (max|block| / 127): that token's row moves
+    by about that much. Nine tokens in ten must match to fp32 accuracy.
+    """
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-3 * scale)
+    exact_rows = ((out - ref).abs().amax(-1) <= 1e-5 * scale).float().mean().item()
+    assert exact_rows >= 0.9, exact_rows
+
+
+@needs_int8
+def test_moe_int8_is_the_same_alone_and_in_a_batch(int8_always):
+    """A token gets the same output through the matrix-vector kernel (alone) and a tile (batch)."""
+    ew = make_experts(2, 2880, 64, torch.float32, 1)
+    x = torch.randn(33, 2880, generator=torch.Generator().manual_seed(1))
+    idx = torch.zeros(33, 1, dtype=torch.long)
+    wts = torch.ones(33, 1)
+    batch = cpu.moe_experts(x, idx, wts, ew)
+    alone = cpu.moe_experts(x[:1], idx[:1], wts[:1], ew)
+    torch.testing.assert_close(batch[:1], alone, rtol=1e-6, atol=1e-6 * alone.abs().max().item())
+
+
+@needs_int8
+def test_moe_int8_extreme_scales_and_zero_blocks(int8_always):
+    g = torch.Generator().manual_seed(9)
+    w_gu = torch.randn(2, 64, 64, generator=g) * torch.logspace(-12, 12, 64)[None, None, :]
+    w_gu[:, :, :32] = 0
+    gub, gus = mxfp4.quantize(w_gu)
+    dnb, dns = mxfp4.quantize(torch.randn(2, 64, 32, generator=g) * 1e-6)
+    ew = reference.ExpertWeights(gub, gus, torch.zeros(2, 64), dnb, dns, torch.zeros(2, 64), 1e30)
+    x = torch.randn(7, 64, generator=g) * torch.logspace(6, -6, 64)
+    x[2, :32] = 0  # an all-zero activation block
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1]] * 2 + [[1, 0]])
+    wts = torch.rand(7, 2, generator=g)
+    out = cpu.moe_experts(x, idx, wts, ew)
+    ref = reference.moe_experts(x, idx, wts, ew, int8_activations=True)
+    assert_int8_close(out, ref)
+
+
+@needs_int8
+def test_int8_activation_modes():
+    before = cpu.int8_activations()
+    assert before == "bf16"  # the default: bfloat16 models take the int8 path, fp32 stays exact
+    ew = make_experts(2, 96, 64, torch.float32, 3)
+    x = torch.randn(2, 96, generator=torch.Generator().manual_seed(3))
+    idx, wts = route(2, 2, 1, 3, torch.float32)
+    exact = reference.moe_experts(x, idx, wts, ew)
+    try:
+        for mode in ("never", "bf16"):
+            cpu.set_int8_activations(mode)
+            close(cpu.moe_experts(x, idx, wts, ew), exact, torch.float32)
+        cpu.set_int8_activations("always")
+        assert not torch.allclose(cpu.moe_experts(x, idx, wts, ew), exact, rtol=1e-6, atol=1e-6)
+        with pytest.raises(RuntimeError, match="choose never, bf16 or always"):
+            cpu.set_int8_activations("sometimes")
+    finally:
+        cpu.set_int8_activations(before)
+    code = "from gptoss.ops import cpu; print(cpu.int8_activations())"
+    env = {**os.environ, "GPTOSS_INT8_ACTIVATIONS": "never"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "never"
+
+
 def test_moe_rejects_bad_expert_index():
     ew = make_experts(2, 32, 32, torch.float32, 0)
     with pytest.raises(RuntimeError, match="out of range"):

@@ -47,16 +47,32 @@ def swiglu(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
     return (up + 1) * glu
 
 
+def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x with each block of 32 rounded to int8 steps of max|block| / 127 (llama.cpp's q8_0).
+
+    The CPU kernels' expert path for bfloat16 models multiplies these integers with the MXFP4
+    weights exactly; this is that rounding, for the tests that compare the two.
+    """
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape).to(x.dtype)
+
+
 def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
-                experts: ExpertWeights) -> torch.Tensor:
-    """sum_k expert_weights[n, k] * Expert_{expert_indices[n, k]}(x[n]) for x [N, H] -> [N, H]."""
+                experts: ExpertWeights, int8_activations: bool = False) -> torch.Tensor:
+    """sum_k expert_weights[n, k] * Expert_{expert_indices[n, k]}(x[n]) for x [N, H] -> [N, H].
+
+    With `int8_activations` the inputs of both projections go through `round_to_int8_blocks`.
+    """
+    rounded = round_to_int8_blocks if int8_activations else (lambda t: t)
     out = torch.zeros_like(x)
     for e in expert_indices.unique().tolist():
         token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
         w_gate_up = mxfp4.dequantize(experts.gate_up_blocks[e], experts.gate_up_scales[e], x.dtype)
         w_down = mxfp4.dequantize(experts.down_blocks[e], experts.down_scales[e], x.dtype)
-        h = x[token] @ w_gate_up.T + experts.gate_up_bias[e].to(x.dtype)
-        y = swiglu(h, experts.swiglu_limit) @ w_down.T + experts.down_bias[e].to(x.dtype)
+        h = rounded(x[token]) @ w_gate_up.T + experts.gate_up_bias[e].to(x.dtype)
+        y = rounded(swiglu(h, experts.swiglu_limit)) @ w_down.T + experts.down_bias[e].to(x.dtype)
         out.index_add_(0, token, y * expert_weights[token, slot, None].to(x.dtype))
     return out
 

@@ -73,6 +73,12 @@ def _load():
                                      extra_ldflags=_LDFLAGS, build_directory=str(folder), verbose=False)
             if fresh:
                 log.info("built gptoss CPU kernels in %.1f s (%s)", time.perf_counter() - start, folder)
+            int8_mode = os.environ.get("GPTOSS_INT8_ACTIVATIONS", "").strip().lower()
+            if int8_mode:
+                try:
+                    ext.set_int8_activations(int8_mode)
+                except RuntimeError as e:
+                    log.warning("GPTOSS_INT8_ACTIVATIONS=%s ignored: %s", int8_mode, str(e).splitlines()[0])
             forced = os.environ.get("GPTOSS_CPU_ISA", "").strip().lower()
             if forced:
                 try:
@@ -115,6 +121,26 @@ def set_isa(name: str) -> None:
     if ext is None:
         raise RuntimeError(f"gptoss CPU kernels are unavailable: {_error}")
     ext.set_isa(name)
+
+
+def int8_activations() -> str:
+    """When the experts round their activations to int8 (see kernels.cpp): never, bf16 or always."""
+    ext = _load()
+    return ext.get_int8_activations() if ext is not None else "never"
+
+
+def set_int8_activations(mode: str) -> None:
+    """never: exact fp32 activations; bf16 (default): for bfloat16 inputs; always: also for float32."""
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"gptoss CPU kernels are unavailable: {_error}")
+    ext.set_int8_activations(mode)
+
+
+def int8_activations_supported() -> bool:
+    """True when this CPU runs the int8 expert path (AVX-512 VNNI and VBMI) and the avx512 paths are on."""
+    ext = _load()
+    return ext is not None and ext.int8_activations_supported()
 
 
 def _plain(*tensors: torch.Tensor | None) -> bool:

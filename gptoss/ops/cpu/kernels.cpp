@@ -11,6 +11,8 @@
 //   scalar      portable C++
 // All paths accumulate in fp32. On the Xeon measured (Sapphire Rapids class), vdpbf16ps runs at
 // half the rate of fp32 FMA, so the compute-bound kernels (MXFP4, GEMM) widen to fp32 instead.
+// On the avx512 paths, a CPU with VNNI and VBMI runs the experts of bfloat16 models with int8
+// activations (exact integer block sums, see "MXFP4 x int8 activations"); fp32 models stay exact.
 // Work is split over torch's intra-op threads (at::parallel_for, i.e. torch.set_num_threads).
 
 // ATen and torch's pybind11 casters only (not <torch/extension.h>, which doubles the build time).
@@ -1212,6 +1214,302 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 }
 
 // ---------------------------------------------------------------------------------------------
+// MXFP4 x int8 activations (AVX-512 VNNI + VBMI): the expert path for bfloat16 models.
+//
+// As llama.cpp does for MXFP4 (its q8_0 activations), each block of 32 activations is rounded to
+// int8 with one fp32 scale d = max|x| / 127. A block's dot product with the weights is then exact
+// integer arithmetic: vpermb turns 64 packed bytes into 128 weights as bytes 2*value + 12 in
+// [0, 24] (vpdpbusd multiplies unsigned by signed bytes), vpdpbusd adds 64 byte products per
+// instruction, and the 12 * sum(q) that the offset adds is taken off once per block. The block
+// sum is scaled once by (d / 2) * 2^(s-127). The activation rounding is the only approximation
+// (at most max|x| / 254 per element, about the size of bf16's own rounding); fp32 models keep the
+// exact fp32 path above unless asked (set_int8_activations).
+//
+// Prepared activations (quantize_q8_*): per token, G = ceil(nblk / 16) groups of 16 blocks,
+//   q      G * 512 bytes: per 64-byte weight chunk (4 blocks), 64 bytes of the even elements
+//          (the low nibbles) then 64 of the odd ones, in the chunk's byte order;
+//   dh     G * 16 floats: d / 2 per block (0 past the end);
+//   ncorr  G * 16 int32:  -12 * sum(q) per block.
+// For the many-token product the 16 tokens of a token block are interleaved instead (Q8Tile).
+
+enum class Int8Activations : int { Never = 0, Bf16 = 1, Always = 2 };
+static Int8Activations g_int8_act = Int8Activations::Bf16;
+
+static bool cpu_has_vnni_vbmi() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+#else
+  return false;
+#endif
+}
+static const bool g_has_vnni = cpu_has_vnni_vbmi();
+
+static bool use_int8_activations(Isa isa, bool x_bf16) {
+  if (!g_has_vnni || isa < Isa::Avx512) return false;
+  return g_int8_act == Int8Activations::Always || (g_int8_act == Int8Activations::Bf16 && x_bf16);
+}
+
+void set_int8_activations(const std::string& mode) {
+  if (mode == "never") g_int8_act = Int8Activations::Never;
+  else if (mode == "bf16") g_int8_act = Int8Activations::Bf16;
+  else if (mode == "always") g_int8_act = Int8Activations::Always;
+  else TORCH_CHECK(false, "int8 activations: unknown mode '", mode, "'; choose never, bf16 or always");
+}
+
+std::string get_int8_activations() {
+  static const char* names[] = {"never", "bf16", "always"};
+  return names[static_cast<int>(g_int8_act)];
+}
+
+bool int8_activations_supported() { return g_has_vnni && g_best >= Isa::Avx512; }
+
+static constexpr int kQ8Offset = 12;  // 2 * 6, the largest E2M1 magnitude, doubled
+
+// Byte j of the table is 2 * e2m1(j % 16) + 12; vpermb reads 6 index bits, so bits 4-5 of a
+// packed byte (the other nibble) select the same entry.
+struct Q8Tables {
+  uint8_t lut[64];
+  Q8Tables() {
+    for (int j = 0; j < 64; ++j) lut[j] = static_cast<uint8_t>(kT.e2m1_x2[j % 16] + kQ8Offset);
+  }
+};
+static const Q8Tables kQ8;
+
+// One row of K activations -> int8 q (natural order), d / 2 and -12 * sum(q) per block.
+template <class T>
+static void quantize_q8_blocks(const T* src, int64_t K, int8_t* q, float* dh, int32_t* ncorr) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(to_f32(src[b * 32 + i])));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int i = 0; i < 32; ++i) {
+      const float v = to_f32(src[b * 32 + i]) * inv;
+      const int32_t qi = std::isfinite(v) ? static_cast<int32_t>(std::nearbyint(v)) : 0;
+      q[b * 32 + i] = static_cast<int8_t>(qi);
+      sum += qi;
+    }
+    dh[b] = std::isfinite(amax) ? amax / 127.f * 0.5f : std::numeric_limits<float>::quiet_NaN();
+    ncorr[b] = -kQ8Offset * sum;
+  }
+}
+
+static int64_t q8_groups(int64_t nblk) { return (nblk + 15) / 16; }
+// Bytes of one prepared token for the matrix-vector kernel: q, then dh, then ncorr.
+static int64_t q8_row_bytes(int64_t nblk) { return q8_groups(nblk) * (512 + 64 + 64); }
+
+template <class T>
+static void prepare_q8_row(const T* src, int64_t K, uint8_t* dst, std::vector<float>& scratch) {
+  const int64_t nblk = K / 32, G = q8_groups(nblk);
+  int8_t* q = reinterpret_cast<int8_t*>(dst);
+  float* dh = reinterpret_cast<float*>(dst + G * 512);
+  int32_t* ncorr = reinterpret_cast<int32_t*>(dst + G * 576);
+  std::memset(dst, 0, q8_row_bytes(nblk));
+  scratch.resize(K / 4 + 1);
+  int8_t* qn = reinterpret_cast<int8_t*>(scratch.data());  // natural order, K bytes
+  quantize_q8_blocks(src, K, qn, dh, ncorr);
+  // Chunk c (blocks 4c..4c+3): byte j holds elements 2(j%16) and 2(j%16)+1 of block 4c + j/16.
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t c = b / 4, j0 = (b % 4) * 16;
+    for (int i = 0; i < 16; ++i) {
+      q[c * 128 + j0 + i] = qn[b * 32 + 2 * i];
+      q[c * 128 + 64 + j0 + i] = qn[b * 32 + 2 * i + 1];
+    }
+  }
+}
+
+#define T_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi")))
+
+// a0..a3: lane l of a_c holds part of block 4c + l/4 -> lane b holds the sum for block b.
+T_VNNI static INLINE __m512i sum_lane_quads(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const __m512i p01 = _mm512_add_epi32(_mm512_permutex2var_epi32(a0, even, a1), _mm512_permutex2var_epi32(a0, odd, a1));
+  const __m512i p23 = _mm512_add_epi32(_mm512_permutex2var_epi32(a2, even, a3), _mm512_permutex2var_epi32(a2, odd, a3));
+  return _mm512_add_epi32(_mm512_permutex2var_epi32(p01, even, p23), _mm512_permutex2var_epi32(p01, odd, p23));
+}
+
+struct Q8Args {
+  const uint8_t* blocks;  // [rows, nblk, 16]
+  const uint8_t* scales;  // [rows, nblk]
+  int64_t nblk;
+  const uint8_t* x;  // prepared tokens, q8_row_bytes(nblk) apart
+  int64_t M;
+  float* out;
+  int64_t ldo;
+};
+
+// Rows [n0, n1) against MB <= 4 tokens, one row at a time (the rows are one sequential stream).
+template <int MB>
+T_VNNI static void q8_gemv_rows(const Q8Args& a, int64_t m, int64_t n0, int64_t n1) {
+  const int64_t nblk = a.nblk, G = q8_groups(nblk), rb = q8_row_bytes(nblk);
+  const __m512i lut = _mm512_loadu_si512(kQ8.lut);
+  const uint8_t* xq[MB];
+  for (int j = 0; j < MB; ++j) xq[j] = a.x + (m + j) * rb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = a.blocks + n * nblk * 16;
+    const uint8_t* srow = a.scales + n * nblk;
+    __m512 facc[MB];
+    for (int j = 0; j < MB; ++j) facc[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t nb = std::min<int64_t>(16, nblk - 16 * g);
+      __m512i ia[MB][4];
+      for (int c = 0; c < 4; ++c) {
+        const int64_t nbc = std::max<int64_t>(0, std::min<int64_t>(4, nb - 4 * c));
+        for (int j = 0; j < MB; ++j) ia[j][c] = _mm512_setzero_si512();
+        if (nbc == 0) continue;
+        const uint8_t* p = wrow + (16 * g + 4 * c) * 16;
+        _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T0);
+        const __m512i v = nbc == 4 ? _mm512_loadu_si512(p)
+                                   : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (4 * nbc)) - 1), p);
+        const __m512i lo = _mm512_permutexvar_epi8(v, lut);
+        const __m512i hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+        for (int j = 0; j < MB; ++j) {
+          const uint8_t* qc = xq[j] + g * 512 + c * 128;
+          ia[j][c] = _mm512_dpbusd_epi32(ia[j][c], lo, _mm512_loadu_si512(qc));
+          ia[j][c] = _mm512_dpbusd_epi32(ia[j][c], hi, _mm512_loadu_si512(qc + 64));
+        }
+      }
+      const __m512 sc = e8m0x16(srow + 16 * g, nb);
+      for (int j = 0; j < MB; ++j) {
+        const float* dh = reinterpret_cast<const float*>(xq[j] + G * 512) + 16 * g;
+        const int32_t* nc = reinterpret_cast<const int32_t*>(xq[j] + G * 576) + 16 * g;
+        __m512i s = sum_lane_quads(ia[j][0], ia[j][1], ia[j][2], ia[j][3]);
+        s = _mm512_add_epi32(s, _mm512_loadu_si512(nc));
+        facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sc, _mm512_loadu_ps(dh)), facc[j]);
+      }
+    }
+    for (int j = 0; j < MB; ++j) a.out[(m + j) * a.ldo + n] = _mm512_reduce_add_ps(facc[j]);
+  }
+}
+
+static void q8_rows(const Q8Args& a, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < a.M; m += 4) {
+    switch (std::min<int64_t>(4, a.M - m)) {
+      case 1: q8_gemv_rows<1>(a, m, n0, n1); break;
+      case 2: q8_gemv_rows<2>(a, m, n0, n1); break;
+      case 3: q8_gemv_rows<3>(a, m, n0, n1); break;
+      default: q8_gemv_rows<4>(a, m, n0, n1); break;
+    }
+  }
+}
+
+// Many tokens: the expert's rows are decoded once per call into a byte tile (2 * value + 12,
+// natural order) with their scales as floats, and multiplied with tokens packed 16 at a time:
+// xq [K/4][16][4] (4 consecutive elements of each token form one 32-bit lane), dh [nblk][16],
+// ncorr [nblk][16]. The micro-kernel broadcasts 4 weight bytes of NR rows and runs vpdpbusd with
+// MV vectors of 16 tokens; after each block of 32 the integer sums are scaled into fp32.
+static int64_t q8_tile_bytes(int64_t nblk) { return 16 * nblk * 32 + 2 * 64 * nblk; }  // per 16 tokens
+
+template <class T>
+static void prepare_q8_tile(const T* src, int64_t ld, const int64_t* rows, int64_t M, int64_t K, uint8_t* dst,
+                            std::vector<float>& scratch) {
+  const int64_t nblk = K / 32, tb = q8_tile_bytes(nblk);
+  scratch.resize((K + 8 * nblk) / 4 + 1);
+  int8_t* qn = reinterpret_cast<int8_t*>(scratch.data());
+  float* dh = scratch.data() + K / 4;
+  int32_t* nc = reinterpret_cast<int32_t*>(dh + nblk);
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    uint8_t* blk = dst + (m0 / 16) * tb;
+    std::memset(blk, 0, tb);
+    int8_t* xq = reinterpret_cast<int8_t*>(blk);
+    float* bdh = reinterpret_cast<float*>(blk + 16 * K);
+    int32_t* bnc = reinterpret_cast<int32_t*>(blk + 16 * K + 64 * nblk);
+    for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {
+      const int64_t m = m0 + i;
+      quantize_q8_blocks(src + (rows ? rows[m] : m) * ld, K, qn, dh, nc);
+      for (int64_t k = 0; k < K; ++k) xq[(k / 4) * 64 + i * 4 + k % 4] = qn[k];
+      for (int64_t b = 0; b < nblk; ++b) {
+        bdh[b * 16 + i] = dh[b];
+        bnc[b * 16 + i] = nc[b];
+      }
+    }
+  }
+}
+
+// Rows of packed MXFP4 -> bytes 2 * value + 12 in natural order, and the scales as floats.
+T_VNNI static void decode_rows_q8(const uint8_t* blocks, const uint8_t* scales, int64_t nblk, int64_t rows,
+                                  uint8_t* out, float* ws) {
+  const __m512i lut = _mm512_loadu_si512(kQ8.lut);
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  const int64_t n = rows * nblk;  // blocks of 16 bytes -> 32 bytes
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m512i v = _mm512_loadu_si512(blocks + i * 16);
+    const __m512i lo = _mm512_permutexvar_epi8(v, lut), hi = _mm512_permutexvar_epi8(_mm512_srli_epi16(v, 4), lut);
+    // Per 128-bit lane (one block): unpacklo = its elements 0..15, unpackhi = 16..31.
+    const __m512i a = _mm512_unpacklo_epi8(lo, hi), b = _mm512_unpackhi_epi8(lo, hi);
+    _mm512_storeu_si512(out + i * 32, _mm512_permutex2var_epi64(a, first, b));
+    _mm512_storeu_si512(out + i * 32 + 64, _mm512_permutex2var_epi64(a, second, b));
+  }
+  for (; i < n; ++i)
+    for (int k = 0; k < 16; ++k) {
+      out[i * 32 + 2 * k] = kQ8.lut[blocks[i * 16 + k] & 15];
+      out[i * 32 + 2 * k + 1] = kQ8.lut[blocks[i * 16 + k] >> 4];
+    }
+  for (int64_t j = 0; j < n; ++j) ws[j] = kT.e8m0[scales[j]];
+}
+
+template <int NR, int MV>
+T_VNNI static void q8_gemm_mk(const uint8_t* w, const float* ws, int64_t K, const uint8_t* x, float* c) {
+  const int64_t nblk = K / 32, tb = q8_tile_bytes(nblk);
+  __m512 fa[NR][MV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) fa[r][v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m512i ia[NR][MV];
+    for (int v = 0; v < MV; ++v) {
+      const __m512i nc = _mm512_loadu_si512(x + v * tb + 16 * K + 64 * nblk + b * 64);
+      for (int r = 0; r < NR; ++r) ia[r][v] = nc;
+    }
+#pragma GCC unroll 8
+    for (int kq = 0; kq < 8; ++kq) {
+      __m512i xv[MV];
+      for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_si512(x + v * tb + (b * 8 + kq) * 64);
+      for (int r = 0; r < NR; ++r) {
+        int32_t w4;
+        std::memcpy(&w4, w + r * K + b * 32 + kq * 4, 4);
+        const __m512i wb = _mm512_set1_epi32(w4);
+        for (int v = 0; v < MV; ++v) ia[r][v] = _mm512_dpbusd_epi32(ia[r][v], wb, xv[v]);
+      }
+    }
+    for (int v = 0; v < MV; ++v) {
+      const __m512 dh = _mm512_loadu_ps(reinterpret_cast<const float*>(x + v * tb + 16 * K) + b * 16);
+      for (int r = 0; r < NR; ++r)
+        fa[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r][v]), _mm512_mul_ps(dh, _mm512_set1_ps(ws[r * nblk + b])),
+                                   fa[r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c + (r * MV + v) * 16, fa[r][v]);
+}
+
+// Rows [0, rows) of a decoded tile (rows padded to a multiple of 4 with zero bytes) against M tokens.
+static void q8_gemm_tile(const uint8_t* w, const float* ws, int64_t rows, const uint8_t* x, int64_t M, int64_t K,
+                         float* out, int64_t ldo) {
+  constexpr int NR = 4;
+  const int64_t tb = q8_tile_bytes(K / 32), nblk = K / 32;
+  float c[NR * 2 * 16];
+  for (int64_t n0 = 0; n0 < rows; n0 += NR) {
+    for (int64_t m0 = 0; m0 < M;) {
+      const bool wide = m0 + 16 < M;
+      const int64_t cw = wide ? 32 : 16;
+      if (wide)
+        q8_gemm_mk<NR, 2>(w + n0 * K, ws + n0 * nblk, K, x + (m0 / 16) * tb, c);
+      else
+        q8_gemm_mk<NR, 1>(w + n0 * K, ws + n0 * nblk, K, x + (m0 / 16) * tb, c);
+      for (int64_t r = 0; r < NR && n0 + r < rows; ++r)
+        for (int64_t m = 0; m < cw && m0 + m < M; ++m) {
+          const int64_t v = m / 16;
+          out[(m0 + m) * ldo + n0 + r] = c[(r * (cw / 16) + v) * 16 + m % 16];
+        }
+      m0 += cw;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // MoE experts: out[t] = sum_j w[t, j] * (down_e(swiglu(gate_up_e(x[t]) + b)) + b_down), e = idx[t, j].
 //
 // Tokens are grouped by expert. An expert with few tokens (decode) runs the MXFP4 product straight
@@ -1307,6 +1605,62 @@ static void expert_projection(Isa isa, MxKind kind, const std::vector<ExpertGrou
   });
 }
 
+// The int8-activation twins of pack_inputs and expert_projection (offsets in bytes).
+template <class T>
+static void q8_pack_inputs(std::vector<ExpertGroup>& groups, const T* src, int64_t K, const int64_t* rows,
+                           std::vector<uint8_t>& buf) {
+  const int64_t nblk = K / 32;
+  int64_t total = 0;
+  for (auto& g : groups) {
+    g.x_off = total;
+    total += g.fused ? g.count * q8_row_bytes(nblk) : (g.count + 15) / 16 * q8_tile_bytes(nblk);
+  }
+  buf.resize(total);
+  parallel_units(static_cast<int64_t>(groups.size()), [&](int64_t gi, std::vector<float>& scratch) {
+    const ExpertGroup& g = groups[gi];
+    uint8_t* dst = buf.data() + g.x_off;
+    if (!g.fused) {
+      if (rows)
+        prepare_q8_tile(src, K, rows + g.first, g.count, K, dst, scratch);
+      else
+        prepare_q8_tile(src + g.first * K, K, nullptr, g.count, K, dst, scratch);
+      return;
+    }
+    for (int64_t i = 0; i < g.count; ++i)
+      prepare_q8_row(src + (rows ? rows[g.first + i] : g.first + i) * K, K, dst + i * q8_row_bytes(nblk), scratch);
+  });
+}
+
+static void q8_expert_projection(const std::vector<ExpertGroup>& groups, const uint8_t* blocks, const uint8_t* scales,
+                                 int64_t rows, int64_t K, const uint8_t* xbuf, float* y, int64_t ldy) {
+  const int64_t nblk = K / 32;
+  struct Unit {
+    int64_t g, r0, r1;
+  };
+  std::vector<Unit> units;
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+    const int64_t step = groups[g].fused ? kFusedRows : kTileRows;
+    for (int64_t r = 0; r < rows; r += step) units.push_back({g, r, std::min(rows, r + step)});
+  }
+  parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& scratch) {
+    const Unit& un = units[ui];
+    const ExpertGroup& grp = groups[un.g];
+    const uint8_t* eb = blocks + grp.expert * rows * nblk * 16;
+    const uint8_t* es = scales + grp.expert * rows * nblk;
+    float* yg = y + grp.first * ldy;
+    if (grp.fused) {
+      q8_rows(Q8Args{eb, es, nblk, xbuf + grp.x_off, grp.count, yg, ldy}, un.r0, un.r1);
+      return;
+    }
+    const int64_t nr = un.r1 - un.r0, nr4 = (nr + 3) / 4 * 4;
+    scratch.assign(nr4 * K / 4 + nr4 * nblk, 0.f);  // the byte tile, then its scales
+    uint8_t* tile = reinterpret_cast<uint8_t*>(scratch.data());
+    float* ws = scratch.data() + nr4 * K / 4;
+    decode_rows_q8(eb + un.r0 * nblk * 16, es + un.r0 * nblk, nblk, nr, tile, ws);
+    q8_gemm_tile(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
+  });
+}
+
 at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
                        const at::Tensor& gu_blocks_, const at::Tensor& gu_scales_, const at::Tensor& gu_bias,
                        const at::Tensor& dn_blocks_, const at::Tensor& dn_scales_, const at::Tensor& dn_bias,
@@ -1351,7 +1705,9 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
   const float limit = static_cast<float>(swiglu_limit);
   const float* gbias = gubias.data_ptr<float>();
   const float* dbias = dnbias.data_ptr<float>();
+  const bool q8 = use_int8_activations(isa, x_bf16);
   std::vector<float> xbuf, h, act, y;
+  std::vector<uint8_t> qbuf;
 
   for (int64_t t0 = 0; t0 < N; t0 += kTokenChunk) {
     const int64_t t1 = std::min(N, t0 + kTokenChunk), nt = t1 - t0, rows_total = nt * topk;
@@ -1375,13 +1731,21 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
     }
 
     // 1. gate_up
-    if (x_bf16)
-      pack_inputs(kind, groups, static_cast<const bf16_t*>(x.data_ptr()), H, tok.data(), xbuf);
-    else
-      pack_inputs(kind, groups, x.data_ptr<float>(), H, tok.data(), xbuf);
     h.resize(rows_total * I2);
-    expert_projection(isa, kind, groups, gub.data_ptr<uint8_t>(), gus.data_ptr<uint8_t>(), I2, H, xbuf.data(),
-                      h.data(), I2);
+    if (q8) {
+      if (x_bf16)
+        q8_pack_inputs(groups, static_cast<const bf16_t*>(x.data_ptr()), H, tok.data(), qbuf);
+      else
+        q8_pack_inputs(groups, x.data_ptr<float>(), H, tok.data(), qbuf);
+      q8_expert_projection(groups, gub.data_ptr<uint8_t>(), gus.data_ptr<uint8_t>(), I2, H, qbuf.data(), h.data(), I2);
+    } else {
+      if (x_bf16)
+        pack_inputs(kind, groups, static_cast<const bf16_t*>(x.data_ptr()), H, tok.data(), xbuf);
+      else
+        pack_inputs(kind, groups, x.data_ptr<float>(), H, tok.data(), xbuf);
+      expert_projection(isa, kind, groups, gub.data_ptr<uint8_t>(), gus.data_ptr<uint8_t>(), I2, H, xbuf.data(),
+                        h.data(), I2);
+    }
 
     // 2. bias + SwiGLU; with bf16 activations the result is rounded to bf16 like the reference's.
     act.resize(rows_total * I);
@@ -1395,10 +1759,15 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
     });
 
     // 3. down
-    pack_inputs(kind, groups, act.data(), I, nullptr, xbuf);
     y.resize(rows_total * H);
-    expert_projection(isa, kind, groups, dnb.data_ptr<uint8_t>(), dns.data_ptr<uint8_t>(), H, I, xbuf.data(),
-                      y.data(), H);
+    if (q8) {
+      q8_pack_inputs(groups, act.data(), I, nullptr, qbuf);
+      q8_expert_projection(groups, dnb.data_ptr<uint8_t>(), dns.data_ptr<uint8_t>(), H, I, qbuf.data(), y.data(), H);
+    } else {
+      pack_inputs(kind, groups, act.data(), I, nullptr, xbuf);
+      expert_projection(isa, kind, groups, dnb.data_ptr<uint8_t>(), dns.data_ptr<uint8_t>(), H, I, xbuf.data(),
+                        y.data(), H);
+    }
 
     // 4. out[t] = sum_j w[t, j] * (y_row + down bias), accumulated in slot order.
     parallel_units(nt, [&](int64_t tt, std::vector<float>&) {
@@ -1483,6 +1852,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &gptoss::linear, "y = x W^T + b", pybind11::arg("x"), pybind11::arg("weight"),
         pybind11::arg("bias") = pybind11::none());
   m.def("moe_experts", &gptoss::moe_experts, "MXFP4 experts with clamped SwiGLU");
+  m.def("set_int8_activations", &gptoss::set_int8_activations,
+        "round expert activations to int8 per block of 32: never, bf16 (bfloat16 inputs only) or always");
+  m.def("get_int8_activations", &gptoss::get_int8_activations, "the int8-activation mode in use");
+  m.def("int8_activations_supported", &gptoss::int8_activations_supported,
+        "whether this CPU has the int8 expert path (AVX-512 VNNI and VBMI)");
   m.def("attention", &gptoss::attention, "attention with sinks, GQA and sliding window");
   m.def("mxfp4_dequantize", &gptoss::mxfp4_dequantize, "MXFP4 -> float32 (or bfloat16 with to_bf16)");
   m.def("read_probe", &gptoss::read_probe, "read a tensor once as fast as possible (bandwidth probe)");

@@ -1,0 +1,100 @@
+"""Where one decode step goes: time per hot operation of a real checkpoint, at batch 1.
+
+    python benchmarks/decode_profile.py PATH [--prompt-tokens 128] [--steps 16] [--threads 2]
+
+Wraps `ops.linear`, `ops.moe_experts` and `ops.attention` with timers, decodes `--steps` tokens
+after a prompt and prints, per operation, milliseconds per token, the bytes of weights it reads
+and the bandwidth that makes; "everything else" is the step time the three do not cover
+(norms, rotary, routing, the cache, Python). The memory-mapped weights are faulted in first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from gptoss import ops
+from gptoss.bench import measure_read_bandwidth, touch_every_page
+from gptoss.model import Model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = Model.from_pretrained(args.path, dtype=torch.bfloat16)
+    seconds: dict[str, float] = defaultdict(float)
+    nbytes: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    recording = False
+
+    def timed(name, fn, bytes_of):
+        def wrapper(*a, **kw):
+            if not recording:
+                return fn(*a, **kw)
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            seconds[name] += time.perf_counter() - t0
+            nbytes[name] += bytes_of(*a)
+            calls[name] += 1
+            return out
+        return wrapper
+
+    def linear_bytes(x, weight, bias=None):
+        return weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+
+    def expert_bytes(x, indices, weights, experts):
+        used = indices.unique()
+        per_expert = sum(t[0].numel() * t.element_size() for t in (
+            experts.gate_up_blocks, experts.gate_up_scales, experts.down_blocks, experts.down_scales))
+        return used.numel() * per_expert
+
+    def attention_bytes(q, k, v, *rest):
+        return k.numel() * k.element_size() + v.numel() * v.element_size()
+
+    ops.linear = timed("linear (attention projections, router, lm_head)", ops.linear, linear_bytes)
+    ops.moe_experts = timed("MXFP4 experts", ops.moe_experts, expert_bytes)
+    ops.attention = timed("attention", ops.attention, attention_bytes)
+
+    prompt = torch.randint(0, 199998, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        touch_every_page(model)
+        cache = model.new_cache(1)
+        token = model(prompt, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        for _ in range(4):  # warm-up steps
+            token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
+        recording = True
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            token = model(token, cache)[:, -1].argmax(-1, keepdim=True)
+        total = time.perf_counter() - start
+        recording = False
+    bandwidth = measure_read_bandwidth()
+
+    n = args.steps
+    print(f"decode step: {1000 * total / n:.1f} ms = {n / total:.2f} tokens/s at {args.prompt_tokens} tokens of "
+          f"context, {torch.get_num_threads()} threads, kernels {ops.backend_name()}; "
+          f"read bandwidth measured {bandwidth:.1f} GB/s")
+    print(f"| operation | calls/token | ms/token | share | GB/token | GB/s |")
+    print(f"|---|---|---|---|---|---|")
+    covered = 0.0
+    for name in seconds:
+        s, b = seconds[name] / n, nbytes[name] / n
+        covered += s
+        print(f"| {name} | {calls[name] // n} | {1000 * s:.1f} | {100 * s * n / total:.0f}% | {b / 1e9:.3f} | "
+              f"{b / s / 1e9:.1f} |")
+    rest = total / n - covered
+    print(f"| everything else | | {1000 * rest:.1f} | {100 * rest * n / total:.0f}% | | |")
+
+
+if __name__ == "__main__":
+    main()
