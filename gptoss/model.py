@@ -67,13 +67,18 @@ class Rotary(nn.Module):
         inv_freq, self.attention_factor = yarn_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H, D] rotated by absolute positions [B, T] (NeoX half-split form)."""
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, T, 1, D/2] for absolute positions [B, T], once per forward for every layer."""
         freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
-        cos = (freqs.cos() * self.attention_factor)[:, :, None, :]
-        sin = (freqs.sin() * self.attention_factor)[:, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return ((freqs.cos() * self.attention_factor)[:, :, None, :],
+                (freqs.sin() * self.attention_factor)[:, :, None, :])
+
+
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [B, T, H, D] rotated in the NeoX half-split form."""
+    cos, sin = cos_sin
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -87,16 +92,15 @@ class Attention(nn.Module):
         self.o_proj = Linear(config.q_dim, config.hidden_size)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
 
-    def forward(self, x, positions, rotary: Rotary, cache: "LayerCache | None"):
+    def forward(self, x, positions, rope, cache: "LayerCache | None"):
         b, t, _ = x.shape
-        q = rotary(self.q_proj(x).view(b, t, self.n_q, self.head_dim), positions)
-        k = rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), positions)
+        q = apply_rotary(self.q_proj(x).view(b, t, self.n_q, self.head_dim), rope)
+        k = apply_rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), rope)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         if cache is None:
             keys, values, key_pos = k, v, positions
         else:
-            keys, values, key_pos = cache.with_new(k, v, positions)
-            cache.store(k, v, positions)
+            keys, values, key_pos = cache.update(k, v, positions)
         out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window)
         return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
 
@@ -141,8 +145,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config)
 
-    def forward(self, x, positions, rotary, cache=None):
-        x = x + self.attn(self.attn_norm(x), positions, rotary, cache)
+    def forward(self, x, positions, rope, cache=None):
+        x = x + self.attn(self.attn_norm(x), positions, rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -177,8 +181,9 @@ class Model(nn.Module):
             start = cache.lengths if cache is not None else torch.zeros(b, dtype=torch.long, device=input_ids.device)
             positions = start[:, None] + torch.arange(t, device=input_ids.device)
         x = self.embedding(input_ids)
+        rope = self.rotary(positions)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, self.rotary, cache.layers[i] if cache is not None else None)
+            x = block(x, positions, rope, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.advance(positions)
         if last_only:
@@ -263,18 +268,28 @@ class LayerCache:
         self.k = torch.zeros(batch, capacity, n_kv, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
+        self.filled = 0  # full layers: slots [0, filled) have been written
 
     @property
     def capacity(self) -> int:
         return self.k.shape[1]
 
-    def with_new(self, k, v, positions):
-        """The cached keys/values followed by the new ones, as the new queries must see them."""
-        used = self.capacity if self.window else int(self.pos.max().item()) + 1
-        return (torch.cat([self.k[:, :used], k], dim=1), torch.cat([self.v[:, :used], v], dim=1),
-                torch.cat([self.pos[:, :used], positions], dim=1))
+    def update(self, k, v, positions):
+        """Store the new keys/values; return the keys, values and positions the new queries see.
 
-    def store(self, k, v, positions):
+        Stored first and read in place, except a chunk of several tokens on a ring: it may
+        overwrite slots that its own first queries still need, so those see old + new.
+        """
+        if self.window and k.shape[1] > 1:
+            seen = (torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1),
+                    torch.cat([self.pos, positions], dim=1))
+            self._store(k, v, positions)
+            return seen
+        self._store(k, v, positions)
+        used = self.capacity if self.window else self.filled
+        return self.k[:, :used], self.v[:, :used], self.pos[:, :used]
+
+    def _store(self, k, v, positions):
         if self.window:
             keep = min(self.window, k.shape[1])  # older ones would be overwritten anyway
             k, v, positions = k[:, -keep:], v[:, -keep:], positions[:, -keep:]
@@ -283,6 +298,7 @@ class LayerCache:
             needed = int(positions.max().item()) + 1
             if needed > self.capacity:
                 self._grow(max(needed, 2 * self.capacity))
+            self.filled = max(self.filled, needed)
             slots = positions
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.k[rows, slots] = k

@@ -29,19 +29,22 @@ class PoolIndex:
 
 
 class PagedLayer:
-    """The cache of one layer for one step; the model calls with_new() then store()."""
+    """The cache of one layer for one step, with the model's LayerCache.update() interface."""
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, index: PoolIndex):
         self.k_pool, self.v_pool, self.index = k_pool, v_pool, index
 
-    def with_new(self, k, v, positions):
+    def update(self, k, v, positions):
+        """The cached pages gathered and followed by the new keys/values; those are then stored."""
         b = k.shape[0]
         cached_k = self.k_pool[self.index.blocks].reshape(b, -1, *k.shape[2:])
         cached_v = self.v_pool[self.index.blocks].reshape(b, -1, *v.shape[2:])
-        return (torch.cat([cached_k, k], dim=1), torch.cat([cached_v, v], dim=1),
+        seen = (torch.cat([cached_k, k], dim=1), torch.cat([cached_v, v], dim=1),
                 torch.cat([self.index.positions, positions], dim=1))
+        self._store(k, v)
+        return seen
 
-    def store(self, k, v, positions):
+    def _store(self, k, v):
         slots = self.index.slots.reshape(-1)
         keep = slots >= 0
         flat_k = self.k_pool.view(-1, *k.shape[2:])

@@ -93,6 +93,13 @@ def _load():
     return _ext
 
 
+def _required():
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"gptoss CPU kernels are unavailable: {_error}")
+    return ext
+
+
 def available() -> bool:
     """True when the extension is built and loaded (builds it on the first call)."""
     return _load() is not None
@@ -117,10 +124,7 @@ def supported_isas() -> list[str]:
 
 def set_isa(name: str) -> None:
     """Force a path (avx512bf16, avx512, avx2, scalar); raises if this CPU lacks it."""
-    ext = _load()
-    if ext is None:
-        raise RuntimeError(f"gptoss CPU kernels are unavailable: {_error}")
-    ext.set_isa(name)
+    _required().set_isa(name)
 
 
 def int8_activations() -> str:
@@ -131,10 +135,7 @@ def int8_activations() -> str:
 
 def set_int8_activations(mode: str) -> None:
     """never: exact fp32 activations; bf16 (default): for bfloat16 inputs; always: also for float32."""
-    ext = _load()
-    if ext is None:
-        raise RuntimeError(f"gptoss CPU kernels are unavailable: {_error}")
-    ext.set_int8_activations(mode)
+    _required().set_int8_activations(mode)
 
 
 def int8_activations_supported() -> bool:

@@ -1565,23 +1565,30 @@ static void pack_inputs(MxKind kind, std::vector<ExpertGroup>& groups, const T* 
   });
 }
 
+// The parallel work of one projection: (group, row range) pieces, smaller for the packed path.
+struct ProjectionUnit {
+  int64_t g, r0, r1;
+};
+
+static std::vector<ProjectionUnit> projection_units(const std::vector<ExpertGroup>& groups, int64_t rows) {
+  std::vector<ProjectionUnit> units;
+  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
+    const int64_t step = groups[g].fused ? kFusedRows : kTileRows;
+    for (int64_t r = 0; r < rows; r += step) units.push_back({g, r, std::min(rows, r + step)});
+  }
+  return units;
+}
+
 // One projection for every used expert: Y_e [count, rows] = X_e @ W_e^T, into y at row g.first.
 static void expert_projection(Isa isa, MxKind kind, const std::vector<ExpertGroup>& groups, const uint8_t* blocks,
                               const uint8_t* scales, int64_t rows, int64_t K, const float* xbuf, float* y,
                               int64_t ldy) {
   const int64_t nblk = K / 32, ld_fused = mx_prepared_len(kind, K);
-  struct Unit {
-    int64_t g, r0, r1;
-  };
-  std::vector<Unit> units;
-  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
-    const int64_t step = groups[g].fused ? kFusedRows : kTileRows;
-    for (int64_t r = 0; r < rows; r += step) units.push_back({g, r, std::min(rows, r + step)});
-  }
+  const std::vector<ProjectionUnit> units = projection_units(groups, rows);
   const MxKernel& mxk = mx_kernel(kind);
   const DenseKernel& dk = dense_kernel(isa, false, false);
   parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& tile) {
-    const Unit& un = units[ui];
+    const ProjectionUnit& un = units[ui];
     const ExpertGroup& grp = groups[un.g];
     const uint8_t* eb = blocks + grp.expert * rows * nblk * 16;
     const uint8_t* es = scales + grp.expert * rows * nblk;
@@ -1634,16 +1641,9 @@ static void q8_pack_inputs(std::vector<ExpertGroup>& groups, const T* src, int64
 static void q8_expert_projection(const std::vector<ExpertGroup>& groups, const uint8_t* blocks, const uint8_t* scales,
                                  int64_t rows, int64_t K, const uint8_t* xbuf, float* y, int64_t ldy) {
   const int64_t nblk = K / 32;
-  struct Unit {
-    int64_t g, r0, r1;
-  };
-  std::vector<Unit> units;
-  for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
-    const int64_t step = groups[g].fused ? kFusedRows : kTileRows;
-    for (int64_t r = 0; r < rows; r += step) units.push_back({g, r, std::min(rows, r + step)});
-  }
+  const std::vector<ProjectionUnit> units = projection_units(groups, rows);
   parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& scratch) {
-    const Unit& un = units[ui];
+    const ProjectionUnit& un = units[ui];
     const ExpertGroup& grp = groups[un.g];
     const uint8_t* eb = blocks + grp.expert * rows * nblk * 16;
     const uint8_t* es = scales + grp.expert * rows * nblk;
@@ -1695,11 +1695,21 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
   auto wts = expert_weights.to(at::kFloat).contiguous();
   auto gub = gu_blocks_.contiguous(), gus = gu_scales_.contiguous();
   auto dnb = dn_blocks_.contiguous(), dns = dn_scales_.contiguous();
-  auto gubias = gu_bias.to(at::kFloat).contiguous(), dnbias = dn_bias.to(at::kFloat).contiguous();
-  TORCH_CHECK(gubias.numel() == E * I2 && dnbias.numel() == E * H, "moe_experts: bias shapes do not match");
+  TORCH_CHECK(gu_bias.numel() == E * I2 && dn_bias.numel() == E * H, "moe_experts: bias shapes do not match");
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < N * topk; ++i)
     TORCH_CHECK(ip[i] >= 0 && ip[i] < E, "moe_experts: expert index ", ip[i], " out of range [0, ", E, ")");
+  // The biases of the experts in use as fp32 (widening all of them would cost more than decoding
+  // a token's experts); slot[e] is expert e's row in them.
+  std::vector<int64_t> used_list, slot(E, -1);
+  for (int64_t i = 0; i < N * topk; ++i)
+    if (slot[ip[i]] < 0) {
+      slot[ip[i]] = static_cast<int64_t>(used_list.size());
+      used_list.push_back(ip[i]);
+    }
+  const auto used = at::tensor(used_list, idx.options());
+  auto gubias = gu_bias.reshape({E, I2}).index_select(0, used).to(at::kFloat).contiguous();
+  auto dnbias = dn_bias.reshape({E, H}).index_select(0, used).to(at::kFloat).contiguous();
   const float* wp = wts.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float limit = static_cast<float>(swiglu_limit);
@@ -1752,7 +1762,7 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
     parallel_units(rows_total, [&](int64_t r, std::vector<float>& scratch) {
       scratch.resize(2 * I);
       float* a = act.data() + r * I;
-      swiglu_row(isa, h.data() + r * I2, gbias + expert_of_row[r] * I2, scratch.data(), scratch.data() + I, a, I,
+      swiglu_row(isa, h.data() + r * I2, gbias + slot[expert_of_row[r]] * I2, scratch.data(), scratch.data() + I, a, I,
                  limit);
       if (x_bf16)
         for (int64_t i = 0; i < I; ++i) a[i] = bf16_to_f32(f32_to_bf16(a[i]));
@@ -1776,7 +1786,7 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
       for (int64_t j = 0; j < topk; ++j) {
         const float w = wp[t * topk + j];
         const float* yr = y.data() + row_of[tt * topk + j] * H;
-        const float* br = dbias + ip[t * topk + j] * H;
+        const float* br = dbias + slot[ip[t * topk + j]] * H;
         for (int64_t c = 0; c < H; ++c) o[c] += w * (yr[c] + br[c]);
       }
     });
