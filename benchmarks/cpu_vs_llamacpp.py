@@ -113,12 +113,23 @@ def bench_llama(llama_src: Path, gguf: Path, prompt: int, gen: int, threads: int
     return speeds
 
 
-def bench_gptoss(checkpoint: Path, prompt: int, gen: int, threads: int) -> dict:
+def bench_gptoss(checkpoint: Path, prompt: int, gen: int, threads: int, dense_int8: bool = False) -> dict:
     out = run([sys.executable, "-m", "gptoss.cli", "bench", str(checkpoint), "--prompt-tokens", str(prompt),
-               "--gen-tokens", str(gen), "--threads", str(threads), "--json"], capture_output=True, text=True)
+               "--gen-tokens", str(gen), "--threads", str(threads), "--json"] + (["--dense-int8"] if dense_int8 else []),
+              capture_output=True, text=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return {"prefill": r["prefill_tokens_per_s"], "decode": r["decode_tokens_per_s"], "load_s": r["load_s"],
             "kernels": r["kernels"], "bandwidth": r["measured_bandwidth_gb_per_s"]}
+
+
+def print_table(name: str, ours: list[dict], theirs: list[dict], pp: str, tg: str) -> None:
+    """Best run of each side, and their ratio."""
+    print(f"| test | {name} tokens/s | llama.cpp tokens/s | {name} / llama.cpp |")
+    print("|---|---|---|---|")
+    for label, key in ((pp, "prefill"), (tg, "decode")):
+        a = max(o[key] for o in ours)
+        b = max(t[key] for t in theirs)
+        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
 
 
 def main() -> None:
@@ -128,6 +139,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dense-int8", action="store_true",
+                        help="also run gptoss with --dense-int8 (reported separately: llama.cpp keeps bf16 here)")
     parser.add_argument("--cache", type=Path,
                         default=Path(os.environ.get("GPTOSS_CACHE", Path.home() / ".cache" / "gptoss")) / "bench")
     args = parser.parse_args()
@@ -137,11 +150,14 @@ def main() -> None:
     llama_src = ensure_llama_cpp(args.cache.parent)
     gguf = ensure_gguf(args.cache, checkpoint, llama_src)
 
-    ours, theirs = [], []
+    ours, theirs, ours_int8 = [], [], []
     shards = sorted(checkpoint.glob("*.safetensors"))
     for i in range(args.rounds):
         log(f"round {i + 1}/{args.rounds}: gptoss (page cache warmed in {warm_page_cache(shards):.0f} s)")
         ours.append(bench_gptoss(checkpoint, args.prompt_tokens, args.gen_tokens, args.threads))
+        if args.dense_int8:
+            log(f"round {i + 1}/{args.rounds}: gptoss --dense-int8")
+            ours_int8.append(bench_gptoss(checkpoint, args.prompt_tokens, args.gen_tokens, args.threads, True))
         log(f"round {i + 1}/{args.rounds}: llama.cpp (page cache warmed in {warm_page_cache([gguf]):.0f} s)")
         theirs.append(bench_llama(llama_src, gguf, args.prompt_tokens, args.gen_tokens, args.threads))
 
@@ -149,13 +165,13 @@ def main() -> None:
     print(f"\ngpt-oss-{args.preset} (random weights, MXFP4 experts, bf16 dense), {args.threads} threads, "
           f"best of {args.rounds} alternating runs; gptoss kernels: {ours[0]['kernels']}; "
           f"read bandwidth measured {max(o['bandwidth'] for o in ours):.1f} GB/s")
-    print(f"| test | gptoss tokens/s | llama.cpp tokens/s | gptoss / llama.cpp |")
-    print(f"|---|---|---|---|")
-    for label, key in ((pp, "prefill"), (tg, "decode")):
-        a = max(o[key] for o in ours)
-        b = max(t[key] for t in theirs)
-        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
-    print(f"\ngptoss load time (warm page cache): {min(o['load_s'] for o in ours):.1f} s")
+    print_table("gptoss", ours, theirs, pp, tg)
+    if ours_int8:
+        print(f"\ngptoss --dense-int8 (attention and lm_head int8 with a scale per row, experts MXFP4), "
+              f"against the same llama.cpp runs (bf16 dense):")
+        print_table("gptoss --dense-int8", ours_int8, theirs, pp, tg)
+    print(f"\ngptoss load time (warm page cache): {min(o['load_s'] for o in ours):.1f} s"
+          + (f"; with --dense-int8 {min(o['load_s'] for o in ours_int8):.1f} s" if ours_int8 else ""))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ class BenchResult:
     model: str
     threads: int
     kernels: str
+    dense_int8: bool
     prompt_tokens: int
     gen_tokens: int
     load_s: float
@@ -55,16 +56,25 @@ def touch_every_page(model: torch.nn.Module, page: int = 4096) -> None:
             flat[::page].sum()
 
 
+def bytes_per_token(path: str, model: Model) -> int:
+    """The checkpoint's bytes per decoded token, less what --dense-int8 saves on the modules it quantized."""
+    from gptoss.model import Int8Linear
+
+    saved = sum(m.bf16_bytes - m.weight.numel() - m.scale.numel() * 4
+                for m in model.modules() if isinstance(m, Int8Linear))
+    return footprint(path).bytes_per_token - saved
+
+
 def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads: int | None = None,
-              progress: bool = True) -> BenchResult:
+              progress: bool = True, dense_int8: bool = False) -> BenchResult:
     from gptoss import ops
 
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = Model.from_pretrained(path, dtype=torch.bfloat16, progress=progress)
+    model = Model.from_pretrained(path, dtype=torch.bfloat16, progress=progress, dense_int8=dense_int8)
     load_s = time.perf_counter() - start
-    fp = footprint(path)
+    per_token = bytes_per_token(path, model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, min(model.config.vocab_size, 199998), (1, prompt_tokens), generator=gen)
 
@@ -91,19 +101,20 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
     steady = decode_times[len(decode_times) // 8:] or decode_times
     decode_tps = len(steady) / sum(steady)
     bandwidth = measure_read_bandwidth()
-    decode_gbs = decode_tps * fp.bytes_per_token / 1e9
+    decode_gbs = decode_tps * per_token / 1e9
     return BenchResult(
-        model=str(path), threads=torch.get_num_threads(), kernels=ops.backend_name(),
+        model=str(path), threads=torch.get_num_threads(), kernels=ops.backend_name(), dense_int8=dense_int8,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, load_s=load_s,
         prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=decode_tps,
-        bytes_per_token=fp.bytes_per_token, decode_gb_per_s=decode_gbs,
+        bytes_per_token=per_token, decode_gb_per_s=decode_gbs,
         measured_bandwidth_gb_per_s=bandwidth, bandwidth_fraction=decode_gbs / bandwidth,
     )
 
 
 def format_result(r: BenchResult) -> str:
     return "\n".join([
-        f"model        {r.model}   ({r.threads} threads, kernels: {r.kernels}, loaded in {r.load_s:.1f} s)",
+        f"model        {r.model}   ({r.threads} threads, kernels: {r.kernels}"
+        f"{', dense int8' if r.dense_int8 else ''}, loaded in {r.load_s:.1f} s)",
         f"prefill      {r.prefill_tokens_per_s:8.1f} tokens/s   ({r.prompt_tokens} tokens)",
         f"decode       {r.decode_tokens_per_s:8.2f} tokens/s   ({r.gen_tokens} tokens)",
         f"per token    {r.bytes_per_token / 1e9:8.3f} GB read -> {r.decode_gb_per_s:.1f} GB/s",

@@ -72,7 +72,7 @@ def run_chat(args) -> int:
     err = Console(stderr=True)
     interactive = sys.stdin.isatty()
     sampling = {"temperature": args.temperature, "max_tokens": args.max_tokens}
-    llm = LLM(args.path, progress=True)
+    llm = LLM(args.path, progress=True, dense_int8=args.dense_int8)
     session = ChatSession(llm, console, system=args.system, effort=args.reasoning_effort,
                           hide_reasoning=args.hide_reasoning, sampling=sampling)
     if interactive:
@@ -102,7 +102,7 @@ def run_chat(args) -> int:
 def run_generate(args) -> int:
     from gptoss.llm import LLM
 
-    llm = LLM(args.path, progress=sys.stderr.isatty())
+    llm = LLM(args.path, progress=sys.stderr.isatty(), dense_int8=args.dense_int8)
     stream = llm.generate_stream(args.prompt, temperature=args.temperature, max_tokens=args.max_tokens,
                                  seed=args.seed)
     try:

@@ -72,7 +72,8 @@ def cmd_bench(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be at least 1")
-    result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json)
+    result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json,
+                       dense_int8=args.dense_int8)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
 
 
@@ -116,7 +117,7 @@ def cmd_serve(args) -> None:
     try:
         state = build_state(args.path, served_model_name=args.served_model_name, api_key=args.api_key,
                             kv_cache_size=args.kv_cache_size, max_num_seqs=args.max_num_seqs,
-                            max_queue=args.max_queue, device=args.device)
+                            max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8)
     except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
         raise UsageError(str(exc)) from None
     run(state, host=args.host, port=args.port, log_level=args.log_level)
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=2048, help="most tokens per answer")
     p.add_argument("--system", default=None, help="system instructions for the conversation")
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the model's reasoning")
+    p.add_argument("--dense-int8", action="store_true",
+                   help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one raw completion of a text prompt")
@@ -153,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dense-int8", action="store_true",
+                   help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed at batch 1")
@@ -161,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--dense-int8", action="store_true",
+                   help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
@@ -174,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot; more get 429")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--dense-int8", action="store_true",
+                   help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
     p.set_defaults(func=cmd_serve)
     return parser
 

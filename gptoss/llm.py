@@ -70,9 +70,10 @@ class GenerationStream:
 
 class LLM:
     def __init__(self, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 progress: bool = False, **engine_options):
+                 progress: bool = False, dense_int8: bool = False, **engine_options):
         self.path = Path(path)
-        self.model = Model.from_pretrained(path, device=device, dtype=dtype, progress=progress)
+        self.model = Model.from_pretrained(path, device=device, dtype=dtype, progress=progress,
+                                           dense_int8=dense_int8)
         self.engine = LLMEngine(self.model, **engine_options)
         self.encoding = harmony_encoding(path)
         self._text_encoding = tiktoken_encoding(path)

@@ -20,7 +20,7 @@ from torch import nn
 
 from gptoss import ops
 from gptoss.checkpoint import CheckpointError, CheckpointReader, checkpoint_key, detect_layout
-from gptoss.config import ModelConfig
+from gptoss.config import ConfigError, ModelConfig
 
 
 class Linear(nn.Linear):
@@ -28,6 +28,25 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """A Linear quantized at load for --dense-int8: int8 weights (stored + 128) and a scale per row.
+
+    Halves the bytes a decode step reads from the attention projections and lm_head, like
+    llama.cpp's q8_0 files; activations are rounded to int8 per block of 32 in the product.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight, scale = ops.quantize_rows_int8(linear.weight)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+        self.bf16_bytes = linear.weight.numel() * linear.weight.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear_int8(x, self.weight, self.scale, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -192,17 +211,27 @@ class Model(nn.Module):
             x = x[torch.arange(b, device=x.device), logit_index][:, None]
         return self.lm_head(self.norm(x))
 
+    @torch.no_grad()
+    def quantize_dense_int8(self) -> None:
+        """--dense-int8: the attention projections and lm_head become Int8Linear (the router stays)."""
+        for block in self.blocks:
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(block.attn, name, Int8Linear(getattr(block.attn, name)))
+        self.lm_head = Int8Linear(self.lm_head)
+
     def new_cache(self, batch_size: int = 1) -> "KVCache":
         return KVCache(self.config, batch_size, self.dtype, self.device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> "Model":
+                        dtype: torch.dtype = torch.bfloat16, progress: bool = False,
+                        dense_int8: bool = False) -> "Model":
         """Load a Hugging Face or `original/` checkpoint folder.
 
         Tensors are memory-mapped; those already in the wanted dtype on the CPU are used in place.
         Experts stay MXFP4. Any missing, unexpected or misshaped tensor raises CheckpointError
-        before a model is returned.
+        before a model is returned. `dense_int8` quantizes the attention projections and lm_head
+        (see Int8Linear); the CPU int8 kernels need AVX-512 VNNI, elsewhere it is refused.
         """
         folder, layout, config = detect_layout(Path(path))
         reader = CheckpointReader(folder)
@@ -226,7 +255,25 @@ class Model(nn.Module):
             state[name] = tensor.to(device=device, dtype=want)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary.inv_freq = yarn_inv_freq(config)[0].to(device)
-        return model.eval().requires_grad_(False)
+        model.eval().requires_grad_(False)
+        if dense_int8:
+            check_dense_int8(torch.device(device), config)
+            model.quantize_dense_int8()
+        return model
+
+
+def check_dense_int8(device: torch.device, config: ModelConfig) -> None:
+    """--dense-int8 runs on CPUs with the int8 kernels; elsewhere it would be slower than bf16."""
+    from gptoss.ops import cpu
+
+    if device.type != "cpu":
+        raise ConfigError("--dense-int8 is a CPU option; on a GPU the dense weights stay bf16")
+    if not cpu.int8_activations_supported():
+        raise ConfigError("--dense-int8 needs a CPU with AVX-512 VNNI and VBMI (and the gptoss CPU kernels); "
+                         "this one runs the bf16 weights faster: leave the option out")
+    for name, width in (("hidden_size", config.hidden_size), ("q_dim", config.q_dim)):
+        if width % 32:
+            raise ConfigError(f"--dense-int8 needs {name} to be a multiple of 32, not {width}")
 
 
 def _check_plan(reader: CheckpointReader, plan: dict, expected: dict, config: ModelConfig) -> None:

@@ -155,6 +155,47 @@ def test_linear_keeps_leading_dims(isa):
     close(out, reference.linear(x.float(), w.float()), torch.bfloat16)
 
 
+# --------------------------------------------------------------------------------------- dense int8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_int8_is_the_reference(dtype):
+    w = (torch.randn(37, 96, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 37)[:, None])
+    w[5] = 0  # an all-zero row: scale 0, bytes 128
+    w = w.to(dtype)
+    q, scale = cpu.quantize_rows_int8(w)
+    q_ref, scale_ref = reference.quantize_rows_int8(w)
+    assert q.dtype == torch.uint8 and torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert (q[5] == 128).all() and scale[5] == 0
+    assert q.min() >= 1  # round(w * 127 / max|w|) stays in [-127, 127]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 9, 40])
+@pytest.mark.parametrize("n,k", [(37, 32), (64, 96), (33, 2880)])
+def test_linear_int8(isa, dtype, m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    q, scale = reference.quantize_rows_int8(torch.randn(n, k, generator=g))
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    out = cpu.linear_int8(x, q, scale, bias)
+    ref = reference.linear_int8(x.float(), q, scale, bias.float())
+    tol = 2e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's own rounding
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol * ref.abs().max().item())
+
+
+def test_linear_int8_a_row_alone_or_in_a_batch(isa):
+    """The matrix-vector kernel (1 row) and the many-row path give the same sums."""
+    g = torch.Generator().manual_seed(1)
+    q, scale = reference.quantize_rows_int8(torch.randn(64, 2880, generator=g))
+    x = torch.randn(2, 20, 2880, generator=g)
+    batch = cpu.linear_int8(x, q, scale)
+    assert batch.shape == (2, 20, 64)
+    alone = cpu.linear_int8(x[:1, :1], q, scale)
+    torch.testing.assert_close(batch[:1, :1], alone, rtol=0, atol=2e-6 * alone.abs().max().item())
+
+
 # ------------------------------------------------------------------------------------------ experts
 
 

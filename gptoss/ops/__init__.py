@@ -26,6 +26,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return reference.linear(x, weight, bias)
 
 
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    if _cpu_kernels(x):
+        return cpu.linear_int8(x, weight, scale, bias)
+    return reference.linear_int8(x, weight, scale, bias)
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _cpu_kernels(weight):
+        return cpu.quantize_rows_int8(weight)
+    return reference.quantize_rows_int8(weight)
+
+
 def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
                 experts: ExpertWeights) -> torch.Tensor:
     if _cpu_kernels(x):

@@ -35,6 +35,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (uint8 round(w * 127 / max|row|) + 128, fp32 scale max|row| / 127 [N])."""
+    w = weight.float()
+    amax = w.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # IEEE division: `127.0 / t` is not
+    return (torch.round(w * inv) + 128).to(torch.uint8), (amax / 127.0).squeeze(-1)
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` for --dense-int8 weights, on x rounded to int8 per block of 32 (as the kernel does)."""
+    w = (weight.float() - 128) * scale.float()[:, None]
+    y = torch.nn.functional.linear(round_to_int8_blocks(x).float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
 SWIGLU_ALPHA = 1.702
 
 
@@ -55,7 +71,7 @@ def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     """
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # IEEE division: `127.0 / t` is not
     return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape).to(x.dtype)
 
 

@@ -115,7 +115,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 def build_state(path: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
                 kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
-                progress: bool = True) -> ServerState:
+                progress: bool = True, dense_int8: bool = False) -> ServerState:
     """Load the model and wrap it for serving."""
     from gptoss.engine.engine import LLMEngine
     from gptoss.model import Model
@@ -124,7 +124,7 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
 
     path = Path(path)
     encoding, text_encoding = harmony_encoding(path), tiktoken_encoding(path)  # fail fast on a missing vocab
-    model = Model.from_pretrained(path, device=device, progress=progress)
+    model = Model.from_pretrained(path, device=device, progress=progress, dense_int8=dense_int8)
     engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs)
     name = served_model_name or path.resolve().name
     return ServerState(AsyncEngine(engine, max_queue=max_queue), encoding, text_encoding, name, api_key)

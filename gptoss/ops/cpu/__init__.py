@@ -162,6 +162,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return ext.linear(x, weight, bias)
 
 
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The --dense-int8 product: VNNI matrix-vector for few rows, widened tiles otherwise."""
+    ext = _load()
+    if (ext is None or not _plain(x, weight, scale, bias) or x.dim() == 0 or x.dtype not in _FLOAT_TYPES
+            or weight.dtype != torch.uint8 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+            or weight.shape[1] % 32 != 0):
+        return reference.linear_int8(x, weight, scale, bias)
+    return ext.linear_int8(x, weight, scale, bias)
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's quantize_rows_int8, in parallel C++ (the lm_head of the 20b has 579 M weights)."""
+    ext = _load()
+    if ext is None or not _plain(weight) or weight.dim() != 2:
+        return reference.quantize_rows_int8(weight)
+    q, scale = ext.quantize_rows_int8(weight)
+    return q, scale
+
+
 def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
                 experts: ExpertWeights) -> torch.Tensor:
     """The reference's experts, reading MXFP4 straight from the packed bytes."""

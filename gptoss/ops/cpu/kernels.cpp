@@ -132,9 +132,15 @@ static const Tables kT;
 // ---------------------------------------------------------------------------------------------
 // Threading: a fixed number of workers pull units from a shared counter (units can differ in cost).
 
+// Fewer than `min_units` units run on the calling thread: waking the others costs more.
 template <class Body>
-static void parallel_units(int64_t n_units, const Body& body) {
+static void parallel_units(int64_t n_units, const Body& body, int64_t min_units = 2) {
   if (n_units <= 0) return;
+  if (n_units < min_units) {
+    std::vector<float> scratch;
+    for (int64_t u = 0; u < n_units; ++u) body(u, scratch);
+    return;
+  }
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_units);
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
@@ -1278,7 +1284,8 @@ static const Q8Tables kQ8;
 
 // One row of K activations -> int8 q (natural order), d / 2 and -12 * sum(q) per block.
 template <class T>
-static void quantize_q8_blocks(const T* src, int64_t K, int8_t* q, float* dh, int32_t* ncorr) {
+static void quantize_q8_blocks(const T* src, int64_t K, int8_t* q, float* dh, int32_t* ncorr,
+                               int32_t offset = kQ8Offset) {
   for (int64_t b = 0; b < K / 32; ++b) {
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(to_f32(src[b * 32 + i])));
@@ -1291,7 +1298,7 @@ static void quantize_q8_blocks(const T* src, int64_t K, int8_t* q, float* dh, in
       sum += qi;
     }
     dh[b] = std::isfinite(amax) ? amax / 127.f * 0.5f : std::numeric_limits<float>::quiet_NaN();
-    ncorr[b] = -kQ8Offset * sum;
+    ncorr[b] = -offset * sum;
   }
 }
 
@@ -1404,7 +1411,7 @@ static int64_t q8_tile_bytes(int64_t nblk) { return 16 * nblk * 32 + 2 * 64 * nb
 
 template <class T>
 static void prepare_q8_tile(const T* src, int64_t ld, const int64_t* rows, int64_t M, int64_t K, uint8_t* dst,
-                            std::vector<float>& scratch) {
+                            std::vector<float>& scratch, int32_t offset = kQ8Offset) {
   const int64_t nblk = K / 32, tb = q8_tile_bytes(nblk);
   scratch.resize((K + 8 * nblk) / 4 + 1);
   int8_t* qn = reinterpret_cast<int8_t*>(scratch.data());
@@ -1418,7 +1425,7 @@ static void prepare_q8_tile(const T* src, int64_t ld, const int64_t* rows, int64
     int32_t* bnc = reinterpret_cast<int32_t*>(blk + 16 * K + 64 * nblk);
     for (int64_t i = 0; i < 16 && m0 + i < M; ++i) {
       const int64_t m = m0 + i;
-      quantize_q8_blocks(src + (rows ? rows[m] : m) * ld, K, qn, dh, nc);
+      quantize_q8_blocks(src + (rows ? rows[m] : m) * ld, K, qn, dh, nc, offset);
       for (int64_t k = 0; k < K; ++k) xq[(k / 4) * 64 + i * 4 + k % 4] = qn[k];
       for (int64_t b = 0; b < nblk; ++b) {
         bdh[b * 16 + i] = dh[b];
@@ -1507,6 +1514,236 @@ static void q8_gemm_tile(const uint8_t* w, const float* ws, int64_t rows, const 
       m0 += cw;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense int8 (--dense-int8): attention projections and lm_head quantized at load to int8 with one
+// fp32 scale per row, stored as bytes w + 128 (vpdpbusd's unsigned side), which halves the bytes
+// a decode step reads from them. Activations are rounded to int8 per block of 32 as for the
+// experts. In natural order a 64-byte chunk of a row meets two activation blocks: vpdpbusd gives
+// 16 lanes of exact integer sums, lanes 0-7 in the first block and 8-15 in the second, which are
+// scaled by their block's d and accumulated in fp32; the row scale is applied once at the end.
+//
+// Prepared activations, per token (K padded to Kp = a multiple of 64 with zeros):
+//   q      Kp int8
+//   d      Kp / 4 floats: lane l of chunk c holds the d of the block of elements 64c + 4l
+//   ncorr  Kp / 4 int32: -128 * (sum of the lane's 4 q), which the +128 of the weights adds
+
+static int64_t i8_kpad(int64_t K) { return (K + 63) / 64 * 64; }
+static int64_t i8_row_bytes(int64_t K) { return i8_kpad(K) * 3; }
+
+template <class T>
+static void prepare_i8_row(const T* src, int64_t K, uint8_t* dst, std::vector<float>& scratch) {
+  const int64_t Kp = i8_kpad(K), nblk = K / 32;
+  std::memset(dst, 0, i8_row_bytes(K));
+  int8_t* q = reinterpret_cast<int8_t*>(dst);
+  float* d = reinterpret_cast<float*>(dst + Kp);
+  int32_t* nc = reinterpret_cast<int32_t*>(dst + 2 * Kp);
+  scratch.resize(2 * nblk);
+  float* dh = scratch.data();
+  int32_t* unused = reinterpret_cast<int32_t*>(dh + nblk);
+  quantize_q8_blocks(src, K, q, dh, unused);
+  for (int64_t l = 0; l < K / 4; ++l) {
+    d[l] = 2.f * dh[l / 8];  // quantize_q8_blocks gives d / 2 (the experts' weights are doubled)
+    nc[l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+  }
+}
+
+struct I8Args {
+  const uint8_t* w;    // [N, K] bytes w + 128
+  const float* scale;  // [N]
+  const uint8_t* x;    // prepared tokens, i8_row_bytes(K) apart
+  int64_t M, K;
+  float* out;  // out[m * ldo + n]
+  int64_t ldo;
+};
+using I8Fn = void (*)(const I8Args&, int64_t n, int64_t m);
+struct I8Kernel {
+  I8Fn fn[4][4];
+};
+
+template <int RB, int MB>
+T_VNNI static void i8_mk_vnni(const I8Args& a, int64_t n, int64_t m) {
+  const int64_t K = a.K, Kp = i8_kpad(K), rb = i8_row_bytes(K);
+  __m512 acc[RB][MB];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask16 mk = k + 64 <= K ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0x00FF);
+    __m512i w[RB];
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* p = a.w + (n + r) * K + k;
+      _mm_prefetch((const char*)p + kDensePrefetchRows * K, _MM_HINT_T0);
+      w[r] = _mm512_maskz_loadu_epi32(mk, p);
+    }
+    for (int j = 0; j < MB; ++j) {
+      const uint8_t* xr = a.x + (m + j) * rb;
+      const __m512i xv = _mm512_loadu_si512(xr + k);
+      const __m512i nc = _mm512_loadu_si512(xr + 2 * Kp + k);
+      const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(xr + Kp) + k / 4);
+      for (int r = 0; r < RB; ++r)
+        acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, w[r], xv)), d, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) a.out[(m + j) * a.ldo + n + r] = _mm512_reduce_add_ps(acc[r][j]) * a.scale[n + r];
+}
+
+template <int RB, int MB>
+static void i8_mk_scalar(const I8Args& a, int64_t n, int64_t m) {
+  const int64_t K = a.K, Kp = i8_kpad(K), rb = i8_row_bytes(K);
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < MB; ++j) {
+      const uint8_t* xr = a.x + (m + j) * rb;
+      const int8_t* q = reinterpret_cast<const int8_t*>(xr);
+      const float* d = reinterpret_cast<const float*>(xr + Kp);
+      const uint8_t* w = a.w + (n + r) * K;
+      float acc = 0.f;
+      for (int64_t l = 0; l < K / 4; ++l) {
+        int32_t s = 0;
+        for (int i = 0; i < 4; ++i) s += (static_cast<int32_t>(w[4 * l + i]) - 128) * q[4 * l + i];
+        acc += static_cast<float>(s) * d[l];
+      }
+      a.out[(m + j) * a.ldo + n + r] = acc * a.scale[n + r];
+    }
+}
+
+static const I8Kernel kI8Vnni = KERNEL_TABLE(i8_mk_vnni);
+static const I8Kernel kI8Scalar = KERNEL_TABLE(i8_mk_scalar);
+
+// Weight rows -> bytes round(w * 127 / max|row|) + 128 and the scale max|row| / 127.
+template <class T>
+static void quantize_rows_i8(const T* w, int64_t N, int64_t K, uint8_t* out, float* scale) {
+  parallel_units(N, [&](int64_t n, std::vector<float>&) {
+    const T* row = w + n * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_f32(row[k])));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      out[n * K + k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(to_f32(row[k]) * inv)) + 128);
+    scale[n] = amax / 127.f;
+  });
+}
+
+std::vector<at::Tensor> quantize_rows_int8(const at::Tensor& w_) {
+  TORCH_CHECK(w_.dim() == 2, "quantize_rows_int8: weight must be [N, K]");
+  auto w = w_.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto out = at::empty({N, K}, w.options().dtype(at::kByte));
+  auto scale = at::empty({N}, w.options().dtype(at::kFloat));
+  if (w.scalar_type() == at::kBFloat16)
+    quantize_rows_i8(static_cast<const bf16_t*>(w.data_ptr()), N, K, out.data_ptr<uint8_t>(), scale.data_ptr<float>());
+  else
+    quantize_rows_i8(w.to(at::kFloat).contiguous().data_ptr<float>(), N, K, out.data_ptr<uint8_t>(),
+                     scale.data_ptr<float>());
+  TORCH_CHECK(scale.isfinite().all().item<bool>(), "quantize_rows_int8: the weight has non-finite values");
+  return {out, scale};
+}
+
+// y = round_int8_blocks(x) (W8 * scale)^T + b. Few rows: the VNNI matrix-vector kernel (or the
+// scalar one); many rows: a tile of rows widened to fp32 and the fp32 product with x rounded the
+// same way, so a row gets the same result either way up to fp32 summation order.
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tensor& scale_,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "linear_int8: weight must be uint8 [N, K]");
+  const int64_t N = w_.size(0), K = w_.size(1);
+  TORCH_CHECK(K % 32 == 0, "linear_int8: K must be a multiple of 32");
+  TORCH_CHECK(x.size(-1) == K, "linear_int8: x has ", x.size(-1), " features, weight expects ", K);
+  TORCH_CHECK(scale_.numel() == N, "linear_int8: one scale per row expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "linear_int8: x must be float32 or bfloat16");
+  auto w = w_.contiguous();
+  auto scale = scale_.to(at::kFloat).contiguous();
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto out = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const Isa isa = g_isa;
+  const bool x_bf16 = x2.scalar_type() == at::kBFloat16;
+
+  // For the matrix-vector kernels and the fp32 fallback: every token's int8 rounding and scales.
+  const int64_t rbytes = i8_row_bytes(K);
+  std::vector<uint8_t> xp;
+  auto prepare_rows = [&]() {
+    xp.resize(M * rbytes);
+    parallel_units(M, [&](int64_t mi, std::vector<float>& scratch) {
+      if (x_bf16)
+        prepare_i8_row(static_cast<const bf16_t*>(x2.data_ptr()) + mi * K, K, xp.data() + mi * rbytes, scratch);
+      else
+        prepare_i8_row(x2.data_ptr<float>() + mi * K, K, xp.data() + mi * rbytes, scratch);
+    }, 8);
+  };
+
+  if (M > kGemvMaxRows && g_has_vnni && isa >= Isa::Avx512) {
+    // The experts' int8 tile product: the stored bytes are already its tile (offset 128 instead of
+    // 12), with the row scale for every block; x packed 16 tokens at a time.
+    const int64_t nblk = K / 32, tb = q8_tile_bytes(nblk);
+    std::vector<uint8_t> xt((M + 15) / 16 * tb);
+    parallel_units((M + 15) / 16, [&](int64_t u, std::vector<float>& scratch) {
+      const int64_t m0 = u * 16, mb = std::min<int64_t>(16, M - m0);
+      if (x_bf16)
+        prepare_q8_tile(static_cast<const bf16_t*>(x2.data_ptr()) + m0 * K, K, nullptr, mb, K, xt.data() + u * tb,
+                        scratch, 128);
+      else
+        prepare_q8_tile(x2.data_ptr<float>() + m0 * K, K, nullptr, mb, K, xt.data() + u * tb, scratch, 128);
+    });
+    constexpr int64_t rows = 32;
+    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& scratch) {
+      const int64_t n0 = u * rows, nr = std::min(N, n0 + rows) - n0, nr4 = (nr + 3) / 4 * 4;
+      scratch.assign(nr4 * nblk + (nr4 == nr ? 0 : nr4 * K / 4 + 1), 0.f);
+      float* ws = scratch.data();
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t b = 0; b < nblk; ++b) ws[r * nblk + b] = 2.f * scale.data_ptr<float>()[n0 + r];  // dh is d / 2
+      const uint8_t* wt = w.data_ptr<uint8_t>() + n0 * K;
+      if (nr4 != nr) {  // the micro-kernel reads rows 4 at a time: pad the last tile
+        uint8_t* pad = reinterpret_cast<uint8_t*>(ws + nr4 * nblk);
+        std::memcpy(pad, wt, nr * K);
+        wt = pad;
+      }
+      q8_gemm_tile(wt, ws, nr, xt.data(), M, K, op + n0, N);
+    });
+  } else if (M > kGemvMaxRows && isa >= Isa::Avx512) {
+    // x as the fp32 values of its int8 rounding, packed once; weights widened a tile at a time.
+    prepare_rows();
+    std::vector<float> xr(M * K), xt(gemm_mpad(M) * K);
+    for (int64_t mi = 0; mi < M; ++mi) {
+      const uint8_t* r = xp.data() + mi * rbytes;
+      const int8_t* q = reinterpret_cast<const int8_t*>(r);
+      const float* d = reinterpret_cast<const float*>(r + i8_kpad(K));
+      for (int64_t k = 0; k < K; ++k) xr[mi * K + k] = static_cast<float>(q[k]) * d[k / 4];
+    }
+    pack_xt(xr.data(), K, nullptr, M, K, xt.data());
+    constexpr int64_t rows = 32;
+    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& tile) {
+      const int64_t n0 = u * rows, nr = std::min(N, n0 + rows) - n0;
+      tile.assign(rows * K, 0.f);
+      const uint8_t* wr = w.data_ptr<uint8_t>() + n0 * K;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float s = scale.data_ptr<float>()[n0 + r];
+        for (int64_t k = 0; k < K; ++k) tile[r * K + k] = (static_cast<float>(wr[r * K + k]) - 128.f) * s;
+      }
+      gemm_tile(tile.data(), nr, xt.data(), M, K, op + n0, N);
+    });
+  } else {
+    prepare_rows();
+    const I8Args a{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), xp.data(), M, K, op, N};
+    const I8Kernel& kern = g_has_vnni && isa >= Isa::Avx512 ? kI8Vnni : kI8Scalar;
+    const int64_t rows = rows_per_unit(N);
+    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>&) {
+      const int64_t n0 = u * rows, n1 = std::min(N, n0 + rows);
+      for (int64_t n = n0; n < n1; n += 4) {
+        const int64_t rb = std::min<int64_t>(4, n1 - n);
+        for (int64_t m = 0; m < M; m += 4) kern.fn[rb - 1][std::min<int64_t>(4, M - m) - 1](a, n, m);
+      }
+    });
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "linear_int8: bias has ", bias->numel(), " elements, expected ", N);
+    out.add_(bias->to(at::kFloat).view({1, N}));
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return out.to(x.scalar_type()).view(sizes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1867,6 +2104,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_int8_activations", &gptoss::get_int8_activations, "the int8-activation mode in use");
   m.def("int8_activations_supported", &gptoss::int8_activations_supported,
         "whether this CPU has the int8 expert path (AVX-512 VNNI and VBMI)");
+  m.def("linear_int8", &gptoss::linear_int8, "y = x (W8 * scale)^T + b with int8-rounded x", pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("bias") = pybind11::none());
+  m.def("quantize_rows_int8", &gptoss::quantize_rows_int8, "weight -> (bytes w + 128, scale per row)");
   m.def("attention", &gptoss::attention, "attention with sinks, GQA and sliding window");
   m.def("mxfp4_dequantize", &gptoss::mxfp4_dequantize, "MXFP4 -> float32 (or bfloat16 with to_bf16)");
   m.def("read_probe", &gptoss::read_probe, "read a tensor once as fast as possible (bandwidth probe)");
