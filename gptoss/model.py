@@ -117,10 +117,10 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), rope)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         if cache is None:
-            keys, values, key_pos = k, v, positions
+            keys, values, key_pos, key_rows = k, v, positions, None
         else:
-            keys, values, key_pos = cache.update(k, v, positions)
-        out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window)
+            keys, values, key_pos, key_rows = cache.update(k, v, positions)
+        out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window, key_rows)
         return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
 
 
@@ -322,19 +322,20 @@ class LayerCache:
         return self.k.shape[1]
 
     def update(self, k, v, positions):
-        """Store the new keys/values; return the keys, values and positions the new queries see.
+        """Store the new keys/values; return the keys, values, positions (and key rows) the queries see.
 
         Stored first and read in place, except a chunk of several tokens on a ring: it may
-        overwrite slots that its own first queries still need, so those see old + new.
+        overwrite slots that its own first queries still need, so those see old + new. The key
+        rows (for a paged cache, see ops.attention) are None: keys are [B, S, ...] here.
         """
         if self.window and k.shape[1] > 1:
             seen = (torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1),
-                    torch.cat([self.pos, positions], dim=1))
+                    torch.cat([self.pos, positions], dim=1), None)
             self._store(k, v, positions)
             return seen
         self._store(k, v, positions)
         used = self.capacity if self.window else self.filled
-        return self.k[:, :used], self.v[:, :used], self.pos[:, :used]
+        return self.k[:, :used], self.v[:, :used], self.pos[:, :used], None
 
     def _store(self, k, v, positions):
         if self.window:

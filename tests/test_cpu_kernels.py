@@ -406,6 +406,27 @@ def test_attention(isa, dtype, b, t, s, n_q, n_kv, d, window):
     close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 4])
+def test_attention_reads_a_paged_cache_in_place(isa, dtype, window):
+    """Keys scattered over a pool of pages, found through key_rows, equal the gathered keys."""
+    b, t, s, n_q, n_kv, d = 2, 3, 40, 8, 2, 64
+    q, k, v, sinks, q_pos, k_pos = attention_case(b, t, s, n_q, n_kv, d, dtype, seed=3)
+    g = torch.Generator().manual_seed(4)
+    pool_rows = 128
+    key_rows = torch.randperm(pool_rows, generator=g)[:b * s].reshape(b, s)
+    k_pool = torch.randn(pool_rows, n_kv, d, generator=g).to(dtype)
+    v_pool = torch.randn(pool_rows, n_kv, d, generator=g).to(dtype)
+    k_pool[key_rows], v_pool[key_rows] = k, v
+    key_rows[k_pos < 0] = -1  # empty slots may point nowhere
+    out = cpu.attention(q, k_pool, v_pool, sinks, q_pos, k_pos, window, key_rows)
+    close(out, reference.attention(q.float(), k.float(), v.float(), sinks.float(), q_pos, k_pos, window), dtype)
+    close(reference.attention(q, k_pool, v_pool, sinks, q_pos, k_pos, window, key_rows),
+          reference.attention(q, k, v, sinks, q_pos, k_pos, window), dtype)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.attention(q, k_pool, v_pool, sinks, q_pos, k_pos, window, key_rows.clamp(min=0) + pool_rows)
+
+
 def test_attention_query_that_sees_nothing_gives_zero(isa):
     """All keys in the future or empty: the sink takes all the probability."""
     q, k, v, sinks, _, _ = attention_case(1, 1, 6, 4, 2, 16, torch.float32, 0, holes=False)

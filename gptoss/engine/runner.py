@@ -1,9 +1,11 @@
 """The model runner: one batched forward over the scheduled sequences, on paged KV tensors.
 
-The scheduler's pure-Python block tables become index tensors here: for each layer kind, which
-cached blocks every row reads (and the position of each slot, -1 where empty) and which slot
-each new token's keys/values go to. Rows are padded to the longest chunk; padding tokens sit at
-position -1, which nothing can see and nothing stores.
+The scheduler's pure-Python block tables become index tensors here: for each layer kind, the
+pool rows every row's queries may read (cached pages, then the new tokens) with their positions
+(-1 where empty), and the slot each new token's keys/values go to. A layer stores its new
+keys/values first and attention reads the pools in place, so a step copies no cached K/V. Rows
+are padded to the longest chunk; padding tokens sit at position -1, which nothing can see and
+nothing stores.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ from gptoss.sampling import SampleOutput, Sampler
 
 @dataclass
 class PoolIndex:
-    """Per-step indices into one pool: gather [B, P] blocks, their slot positions [B, P*bs], store slots [B, T]."""
+    """Per-step indices into one pool, shared by its layers.
 
-    blocks: torch.Tensor
+    rows [B, S]: the pool row (block * block_size + offset) of every key a row's queries may read,
+    its cached pages then its new tokens; positions [B, S]: their positions, -1 where empty or
+    padding; slots [B, T]: where each new token's key/value is stored, -1 for padding.
+    """
+
+    rows: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
 
@@ -35,22 +42,14 @@ class PagedLayer:
         self.k_pool, self.v_pool, self.index = k_pool, v_pool, index
 
     def update(self, k, v, positions):
-        """The cached pages gathered and followed by the new keys/values; those are then stored."""
-        b = k.shape[0]
-        cached_k = self.k_pool[self.index.blocks].reshape(b, -1, *k.shape[2:])
-        cached_v = self.v_pool[self.index.blocks].reshape(b, -1, *v.shape[2:])
-        seen = (torch.cat([cached_k, k], dim=1), torch.cat([cached_v, v], dim=1),
-                torch.cat([self.index.positions, positions], dim=1))
-        self._store(k, v)
-        return seen
-
-    def _store(self, k, v):
-        slots = self.index.slots.reshape(-1)
-        keep = slots >= 0
+        """Store the new keys/values, then let attention read the pool in place through index.rows."""
         flat_k = self.k_pool.view(-1, *k.shape[2:])
         flat_v = self.v_pool.view(-1, *v.shape[2:])
+        slots = self.index.slots.reshape(-1)
+        keep = slots >= 0
         flat_k[slots[keep]] = k.reshape(-1, *k.shape[2:])[keep]
         flat_v[slots[keep]] = v.reshape(-1, *v.shape[2:])[keep]
+        return flat_k, flat_v, self.index.positions, self.index.rows
 
 
 class PagedCache:
@@ -81,7 +80,7 @@ class ModelRunner:
         layers = sum(1 for i in range(config.num_hidden_layers) if (config.window_of(i) > 0) == sliding)
         return 2 * layers * block_size * config.kv_dim * torch.empty((), dtype=dtype).element_size()
 
-    def _index(self, batch: list[ScheduledSeq], width: int, sliding: bool) -> PoolIndex:
+    def _index(self, batch: list[ScheduledSeq], width: int, sliding: bool, new_positions: torch.Tensor) -> PoolIndex:
         bs = self.kv.block_size
         gather_pages, stores = [], []
         for item in batch:
@@ -105,8 +104,11 @@ class ModelRunner:
         slot_pos = page_ids[:, :, None] * bs + torch.arange(bs)
         valid = (page_ids[:, :, None] >= 0) & (slot_pos < computed[:, None, None])
         positions = torch.where(valid, slot_pos, -1).reshape(len(batch), num_pages * bs)
+        rows = (blocks[:, :, None] * bs + torch.arange(bs)).reshape(len(batch), num_pages * bs)
+        slots = torch.tensor(stores, dtype=torch.long)
         device = self.model.device
-        return PoolIndex(blocks.to(device), positions.to(device), torch.tensor(stores, dtype=torch.long, device=device))
+        return PoolIndex(torch.cat([rows, slots], dim=1).to(device),
+                         torch.cat([positions, new_positions], dim=1).to(device), slots.to(device))
 
     @torch.no_grad()
     def run(self, batch: list[ScheduledSeq]) -> dict[int, tuple[int, SampleOutput, int]]:
@@ -119,7 +121,7 @@ class ModelRunner:
             tokens = seq.token_ids[start:start + item.num_tokens]
             ids[r, :len(tokens)] = torch.tensor(tokens)
             positions[r, :len(tokens)] = torch.arange(start, start + len(tokens))
-        indexes = {kind: self._index(batch, width, kind) for kind in set(self.sliding_layer)}
+        indexes = {kind: self._index(batch, width, kind, positions) for kind in set(self.sliding_layer)}
         cache = PagedCache([PagedLayer(k, v, indexes[sliding])
                             for (k, v), sliding in zip(self.pools, self.sliding_layer)])
         device = self.model.device

@@ -47,10 +47,11 @@ def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: t
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
+              key_rows: torch.Tensor | None = None) -> torch.Tensor:
     if _cpu_kernels(q):
-        return cpu.attention(q, k, v, sinks, q_pos, k_pos, window)
-    return reference.attention(q, k, v, sinks, q_pos, k_pos, window)
+        return cpu.attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
+    return reference.attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
 
 
 def backend_name() -> str:

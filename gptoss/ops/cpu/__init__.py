@@ -196,13 +196,16 @@ def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: t
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """Attention with sinks, GQA and sliding window; per query over its visible keys (decode and prefill)."""
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
+              key_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention with sinks, GQA and sliding window; per query over its visible keys (decode and prefill).
+
+    With `key_rows`, the keys are read in place from a paged cache (see the reference)."""
     ext = _load()
-    if (ext is None or not _plain(q, k, v, sinks, q_pos, k_pos) or q.dim() != 4 or q.dtype not in _FLOAT_TYPES or k.dtype != q.dtype or v.dtype != q.dtype
-            or q.shape[2] % k.shape[2] != 0):
-        return reference.attention(q, k, v, sinks, q_pos, k_pos, window)
-    return ext.attention(q, k, v, sinks, q_pos, k_pos, int(window))
+    if (ext is None or not _plain(q, k, v, sinks, q_pos, k_pos) or q.dim() != 4 or q.dtype not in _FLOAT_TYPES
+            or k.dtype != q.dtype or v.dtype != q.dtype or q.shape[2] % k.shape[-2] != 0):
+        return reference.attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
+    return ext.attention(q, k, v, sinks, q_pos, k_pos, int(window), key_rows)
 
 
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -1033,12 +1033,14 @@ static AttnOps<T> attn_ops(Isa isa) {
   return {attn_scores_scalar<T>, attn_values_scalar<T>, exp_sub_sum_scalar};
 }
 
+// key_rows (optional, [B, S]): key j of row b is row key_rows[b, j] of k and v seen as [R, Hkv, D]
+// (a paged cache read in place through its block table); without it, k and v are [B, S, Hkv, D].
 template <class T>
 static at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& sinks, const at::Tensor& q_pos, const at::Tensor& k_pos,
-                                 int64_t window) {
+                                 int64_t window, const int64_t* key_rows) {
   const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t S = k.size(1), Hkv = k.size(2), group = Hq / Hkv;
+  const int64_t S = k_pos.size(1), Hkv = k.size(-2), group = Hq / Hkv;
   auto out = at::empty({B, Tq, Hq, D}, q.options().dtype(at::kFloat));
   const T* qp = static_cast<const T*>(q.data_ptr());
   const T* kp = static_cast<const T*>(k.data_ptr());
@@ -1061,7 +1063,7 @@ static at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const
     idx.reserve(S);
     for (int64_t j = 0; j < S; ++j) {
       const int64_t kj = kpos[b * S + j];
-      if (kj >= 0 && kj <= qi && (window <= 0 || kj > qi - window)) idx.push_back(j);
+      if (kj >= 0 && kj <= qi && (window <= 0 || kj > qi - window)) idx.push_back(key_rows ? key_rows[b * S + j] : j);
     }
     const int64_t nv = static_cast<int64_t>(idx.size());
     const int64_t lds = (nv + 15) / 16 * 16;
@@ -1070,8 +1072,8 @@ static at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const
     float* qf = s + group * lds;
     float* acc = qf + group * D;
     float* part = acc + group * D;
-    const T* kbase = kp + (b * S * Hkv + g) * D;
-    const T* vbase = vp + (b * S * Hkv + g) * D;
+    const T* kbase = kp + ((key_rows ? 0 : b * S) * Hkv + g) * D;
+    const T* vbase = vp + ((key_rows ? 0 : b * S) * Hkv + g) * D;
     for (int64_t h = 0; h < group; ++h)
       for (int64_t d = 0; d < D; ++d) qf[h * D + d] = to_f32(qp[(bt * Hq + g * group + h) * D + d]);
     if (group_fn) {
@@ -1095,19 +1097,35 @@ static at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const
 }
 
 at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& sinks,
-                     const at::Tensor& q_pos, const at::Tensor& k_pos, int64_t window) {
-  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4, "attention: q, k, v must be [B, T, H, D]");
+                     const at::Tensor& q_pos, const at::Tensor& k_pos, int64_t window,
+                     const c10::optional<at::Tensor>& key_rows_) {
+  const bool paged = key_rows_.has_value() && key_rows_->defined();
+  TORCH_CHECK(q_.dim() == 4 && k_.dim() >= 3 && v_.sizes() == k_.sizes(), "attention: q must be [B, T, H, D], "
+              "k and v [B, S, H, D] (or a flat [..., H, D] cache with key_rows)");
   TORCH_CHECK(k_.scalar_type() == q_.scalar_type() && v_.scalar_type() == q_.scalar_type(),
               "attention: q, k, v must share a dtype");
-  TORCH_CHECK(q_.size(2) % k_.size(2) == 0, "attention: query heads must be a multiple of kv heads");
+  TORCH_CHECK(q_.size(2) % k_.size(-2) == 0, "attention: query heads must be a multiple of kv heads");
+  TORCH_CHECK(k_pos.dim() == 2 && k_pos.size(0) == q_.size(0), "attention: k_pos must be [B, S]");
+  TORCH_CHECK(paged || (k_.dim() == 4 && k_.size(1) == k_pos.size(1)), "attention: k must be [B, S, H, D]");
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   auto s = sinks.to(at::kFloat).contiguous();
   auto qp = q_pos.to(at::kLong).contiguous(), kp = k_pos.to(at::kLong).contiguous();
+  at::Tensor rows;
+  if (paged) {
+    rows = key_rows_->to(at::kLong).contiguous();
+    TORCH_CHECK(rows.sizes() == kp.sizes(), "attention: key_rows must be shaped like k_pos");
+    const int64_t R = k.numel() / (k.size(-2) * k.size(-1));
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    const int64_t* pp = kp.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows.numel(); ++i)
+      TORCH_CHECK(pp[i] < 0 || (rp[i] >= 0 && rp[i] < R), "attention: key row ", rp[i], " out of range [0, ", R, ")");
+  }
+  const int64_t* rp = paged ? rows.data_ptr<int64_t>() : nullptr;
   at::Tensor out;
   if (q.scalar_type() == at::kBFloat16)
-    out = attention_impl<bf16_t>(q, k, v, s, qp, kp, window);
+    out = attention_impl<bf16_t>(q, k, v, s, qp, kp, window, rp);
   else if (q.scalar_type() == at::kFloat)
-    out = attention_impl<float>(q, k, v, s, qp, kp, window);
+    out = attention_impl<float>(q, k, v, s, qp, kp, window, rp);
   else
     TORCH_CHECK(false, "attention: q must be float32 or bfloat16");
   return out.to(q_.scalar_type());
@@ -2107,7 +2125,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &gptoss::linear_int8, "y = x (W8 * scale)^T + b with int8-rounded x", pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("bias") = pybind11::none());
   m.def("quantize_rows_int8", &gptoss::quantize_rows_int8, "weight -> (bytes w + 128, scale per row)");
-  m.def("attention", &gptoss::attention, "attention with sinks, GQA and sliding window");
+  m.def("attention", &gptoss::attention, "attention with sinks, GQA and sliding window", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("sinks"), pybind11::arg("q_pos"), pybind11::arg("k_pos"),
+        pybind11::arg("window"), pybind11::arg("key_rows") = pybind11::none());
   m.def("mxfp4_dequantize", &gptoss::mxfp4_dequantize, "MXFP4 -> float32 (or bfloat16 with to_bf16)");
   m.def("read_probe", &gptoss::read_probe, "read a tensor once as fast as possible (bandwidth probe)");
 }
