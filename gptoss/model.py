@@ -56,9 +56,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)  # x / sqrt(mean(x^2) + eps) * weight, in fp32
 
 
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -94,10 +92,8 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x [B, T, H, D] rotated in the NeoX half-split form."""
-    cos, sin = cos_sin
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """x [B, T, H, D] rotated in the NeoX half-split form (ops.rotary)."""
+    return ops.rotary(x, *cos_sin)
 
 
 class Attention(nn.Module):

@@ -155,6 +155,31 @@ def test_linear_keeps_leading_dims(isa):
     close(out, reference.linear(x.float(), w.float()), torch.bfloat16)
 
 
+# ---------------------------------------------------------------------------------- norm and rotary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 17, 2880), (5, 7)])
+def test_rms_norm(dtype, weight_dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=g) * 5).to(dtype)
+    w = torch.randn(shape[-1], generator=g).to(weight_dtype)
+    out = cpu.rms_norm(x, w, 1e-5)
+    assert out.shape == x.shape
+    close(out, reference.rms_norm(x, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,t,h,d", [(1, 1, 64, 64), (2, 9, 8, 64), (1, 3, 2, 16)])
+def test_rotary(dtype, b, t, h, d):
+    g = torch.Generator().manual_seed(b + t + h + d)
+    x = torch.randn(b, t, h, d, generator=g).to(dtype)
+    freqs = (torch.arange(t).float() + 4000)[None, :, None] * torch.rand(d // 2, generator=g)
+    cos, sin = freqs.cos()[:, :, None].expand(b, t, 1, d // 2), freqs.sin()[:, :, None].expand(b, t, 1, d // 2)
+    close(cpu.rotary(x, cos, sin), reference.rotary(x, cos, sin), dtype)
+
+
 # --------------------------------------------------------------------------------------- dense int8
 
 

@@ -1,8 +1,8 @@
 """The hot operations behind one signature each; fast kernels replace the reference twins.
 
-`linear`, `moe_experts` and `attention` are what the model calls. On CPU tensors they run the
-C++ kernels of `gptoss.ops.cpu` (built on first use) when those are available, and the plain-torch
-twins in `gptoss.ops.reference` otherwise. `GPTOSS_KERNELS=reference` forces the twins everywhere.
+`linear`, `moe_experts`, `attention`, `rms_norm` and `rotary` are what the model calls. On CPU
+tensors they run the C++ kernels of `gptoss.ops.cpu` (built on first use) when those are
+available, and the plain-torch twins in `gptoss.ops.reference` otherwise. `GPTOSS_KERNELS=reference` forces the twins everywhere.
 """
 
 from __future__ import annotations
@@ -24,6 +24,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _cpu_kernels(x):
         return cpu.linear(x, weight, bias)
     return reference.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _cpu_kernels(x):
+        return cpu.rms_norm(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if _cpu_kernels(x):
+        return cpu.rotary(x, cos, sin)
+    return reference.rotary(x, cos, sin)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -162,6 +162,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return ext.linear(x, weight, bias)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    ext = _load()
+    if (ext is None or not _plain(x, weight) or x.dim() == 0 or x.dtype not in _FLOAT_TYPES
+            or weight.dtype not in _FLOAT_TYPES or weight.shape != x.shape[-1:]):
+        return reference.rms_norm(x, weight, eps)
+    return ext.rms_norm(x, weight, float(eps))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    ext = _load()
+    b, t = (x.shape[0], x.shape[1]) if x.dim() == 4 else (0, 0)
+    if (ext is None or not _plain(x, cos, sin) or x.dim() != 4 or x.dtype not in _FLOAT_TYPES or x.shape[3] % 2
+            or cos.shape != (b, t, 1, x.shape[3] // 2) or sin.shape != cos.shape):
+        return reference.rotary(x, cos, sin)
+    return ext.rotary(x, cos, sin)
+
+
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """The --dense-int8 product: VNNI matrix-vector for few rows, widened tiles otherwise."""

@@ -103,6 +103,8 @@ static INLINE bf16_t f32_to_bf16(float f) {
 
 static INLINE float to_f32(float v) { return v; }
 static INLINE float to_f32(bf16_t v) { return bf16_to_f32(v); }
+static INLINE void store_as(float* p, float v) { *p = v; }
+static INLINE void store_as(bf16_t* p, float v) { *p = f32_to_bf16(v); }
 
 struct Tables {
   float e2m1[16];        // nibble -> E2M1 value
@@ -1765,6 +1767,75 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tens
 }
 
 // ---------------------------------------------------------------------------------------------
+// RMSNorm and rotary embedding: tiny amounts of work, done here so a decode step makes one call
+// each instead of the eight or ten small torch operations (and dtype conversions) of the
+// reference, which cost more than the arithmetic.
+
+template <class T, class W>
+static void rms_norm_rows(const T* x, const W* w, T* out, int64_t rows, int64_t D, float eps) {
+  parallel_units(rows, [&](int64_t r, std::vector<float>&) {
+    const T* xr = x + r * D;
+    float ss = 0.f;
+    for (int64_t i = 0; i < D; ++i) ss += to_f32(xr[i]) * to_f32(xr[i]);
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t i = 0; i < D; ++i) store_as(out + r * D + i, to_f32(xr[i]) * inv * to_f32(w[i]));
+  }, 16);
+}
+
+at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  TORCH_CHECK(x_.dim() >= 1 && w_.dim() == 1 && x_.size(-1) == w_.size(0), "rms_norm: weight must be [D] for x [..., D]");
+  TORCH_CHECK((x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16) &&
+                  (w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16),
+              "rms_norm: float32 or bfloat16 only");
+  auto x = x_.contiguous(), w = w_.contiguous();
+  auto out = at::empty_like(x);
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  const float e = static_cast<float>(eps);
+  const bool xb = x.scalar_type() == at::kBFloat16, wb = w.scalar_type() == at::kBFloat16;
+  auto xp = x.data_ptr(), wp = w.data_ptr(), op = out.data_ptr();
+  if (xb && wb) rms_norm_rows(static_cast<const bf16_t*>(xp), static_cast<const bf16_t*>(wp), static_cast<bf16_t*>(op), rows, D, e);
+  else if (xb) rms_norm_rows(static_cast<const bf16_t*>(xp), static_cast<const float*>(wp), static_cast<bf16_t*>(op), rows, D, e);
+  else if (wb) rms_norm_rows(static_cast<const float*>(xp), static_cast<const bf16_t*>(wp), static_cast<float*>(op), rows, D, e);
+  else rms_norm_rows(static_cast<const float*>(xp), static_cast<const float*>(wp), static_cast<float*>(op), rows, D, e);
+  return out;
+}
+
+// x [B, T, H, D] rotated in the half-split form by cos/sin [B, T, 1, D/2] (fp32), in fp32, rounded once.
+template <class T>
+static void rotary_rows(const T* x, const float* cs, const float* sn, T* out, int64_t BT, int64_t H, int64_t D) {
+  const int64_t half = D / 2;
+  parallel_units(BT, [&](int64_t bt, std::vector<float>&) {
+    const float* c = cs + bt * half;
+    const float* s = sn + bt * half;
+    for (int64_t h = 0; h < H; ++h) {
+      const T* xr = x + (bt * H + h) * D;
+      T* o = out + (bt * H + h) * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = to_f32(xr[i]), x2 = to_f32(xr[i + half]);
+        store_as(o + i, x1 * c[i] - x2 * s[i]);
+        store_as(o + i + half, x2 * c[i] + x1 * s[i]);
+      }
+    }
+  }, 16);
+}
+
+at::Tensor rotary(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_) {
+  TORCH_CHECK(x_.dim() == 4 && x_.size(3) % 2 == 0, "rotary: x must be [B, T, H, D] with D even");
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16, "rotary: float32 or bfloat16 only");
+  const int64_t B = x_.size(0), T = x_.size(1), H = x_.size(2), D = x_.size(3);
+  auto x = x_.contiguous();
+  auto c = cos_.to(at::kFloat).expand({B, T, 1, D / 2}).contiguous();
+  auto s = sin_.to(at::kFloat).expand({B, T, 1, D / 2}).contiguous();
+  auto out = at::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16)
+    rotary_rows(static_cast<const bf16_t*>(x.data_ptr()), c.data_ptr<float>(), s.data_ptr<float>(),
+                static_cast<bf16_t*>(out.data_ptr()), B * T, H, D);
+  else
+    rotary_rows(x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), out.data_ptr<float>(), B * T, H, D);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 // MoE experts: out[t] = sum_j w[t, j] * (down_e(swiglu(gate_up_e(x[t]) + b)) + b_down), e = idx[t, j].
 //
 // Tokens are grouped by expert. An expert with few tokens (decode) runs the MXFP4 product straight
@@ -2125,6 +2196,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &gptoss::linear_int8, "y = x (W8 * scale)^T + b with int8-rounded x", pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("bias") = pybind11::none());
   m.def("quantize_rows_int8", &gptoss::quantize_rows_int8, "weight -> (bytes w + 128, scale per row)");
+  m.def("rms_norm", &gptoss::rms_norm, "x / sqrt(mean(x^2) + eps) * weight");
+  m.def("rotary", &gptoss::rotary, "half-split rotary embedding with fp32 cos/sin");
   m.def("attention", &gptoss::attention, "attention with sinks, GQA and sliding window", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("sinks"), pybind11::arg("q_pos"), pybind11::arg("k_pos"),
         pybind11::arg("window"), pybind11::arg("key_rows") = pybind11::none());
