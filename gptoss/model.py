@@ -334,9 +334,11 @@ class LayerCache:
         return self.k[:, :used], self.v[:, :used], self.pos[:, :used], None
 
     def _store(self, k, v, positions):
+        """Write every real token (padding sits at position -1) to its slot."""
+        real = positions >= 0
         if self.window:
-            keep = min(self.window, k.shape[1])  # older ones would be overwritten anyway
-            k, v, positions = k[:, -keep:], v[:, -keep:], positions[:, -keep:]
+            # Of a chunk longer than the ring, only each row's last `window` positions survive.
+            real &= positions > positions.max(dim=1, keepdim=True).values - self.window
             slots = positions % self.window
         else:
             needed = int(positions.max().item()) + 1
@@ -344,10 +346,11 @@ class LayerCache:
                 self._grow(max(needed, 2 * self.capacity))
             self.filled = max(self.filled, needed)
             slots = positions
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, slots] = k
-        self.v[rows, slots] = v
-        self.pos[rows, slots] = positions
+        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(positions)[real]
+        slots = slots[real]
+        self.k[rows, slots] = k[real]
+        self.v[rows, slots] = v[real]
+        self.pos[rows, slots] = positions[real]
 
     def _grow(self, capacity: int):
         extra = capacity - self.capacity

@@ -364,6 +364,29 @@ def test_moe_int8_extreme_scales_and_zero_blocks(int8_always):
 
 
 @needs_int8
+def test_moe_int8_nan_propagates_and_tiny_blocks_flush_to_zero(int8_always):
+    """A NaN activation gives NaN (as the reference), a block below 3.7e-37 rounds to zeros (as the reference)."""
+    ew = make_experts(2, 64, 64, torch.float32, 7)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    x[0, 5] = float("nan")
+    x[1, :32] = 0
+    x[1, 3] = 1e-38
+    idx, wts = torch.tensor([[0], [1], [0]]), torch.ones(3, 1)
+    out = cpu.moe_experts(x, idx, wts, ew)
+    ref = reference.moe_experts(x, idx, wts, ew, int8_activations=True)
+    assert out[0].isnan().all() and ref[0].isnan().all()
+    torch.testing.assert_close(out[1:], ref[1:], rtol=1e-5, atol=1e-5 * ref[1:].abs().max().item())
+    assert reference.round_to_int8_blocks(x[1:2])[0, :32].eq(0).all()
+
+
+def test_quantize_rows_int8_refuses_non_finite_weights():
+    w = torch.randn(4, 64)
+    w[2, 7] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        cpu.quantize_rows_int8(w)
+
+
+@needs_int8
 def test_int8_activation_modes():
     before = cpu.int8_activations()
     assert before == "bf16"  # the default: bfloat16 models take the int8 path, fp32 stays exact

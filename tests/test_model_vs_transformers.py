@@ -136,3 +136,23 @@ def test_real_shapes_layer_matches_transformers(tmp_path):
         err = (ours(ids) - hf(ids).logits).abs().max().item()
     print(f"20b-shaped layer: max error {err:.2e}")
     assert err <= TOL
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_layer_cache_never_stores_padding(window):
+    """Padding tokens (position -1) take no slot; a chunk longer than the ring keeps its last window."""
+    from gptoss.model import LayerCache
+
+    cache = LayerCache(2, window, 1, 2, torch.float32, "cpu")
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]])
+    k = torch.arange(12, dtype=torch.float32).reshape(2, 6, 1, 1).expand(2, 6, 1, 2).contiguous()
+    keys, _, key_pos, rows = cache.update(k, k.clone(), positions)
+    assert rows is None
+    stored = sorted(p for p in cache.pos[1].tolist() if p >= 0)
+    assert stored == [0, 1, 2]  # row 1's padding wrote nothing
+    expected_row0 = [2, 3, 4, 5] if window else [0, 1, 2, 3, 4, 5]
+    assert sorted(p for p in cache.pos[0].tolist() if p >= 0) == expected_row0
+    for r in range(2):
+        for slot, p in enumerate(cache.pos[r].tolist()):
+            if p >= 0:
+                assert cache.k[r, slot, 0, 0].item() == k[r, p, 0, 0].item()

@@ -39,7 +39,7 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """weight [N, K] -> (uint8 round(w * 127 / max|row|) + 128, fp32 scale max|row| / 127 [N])."""
     w = weight.float()
     amax = w.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # IEEE division: `127.0 / t` is not
+    inv = int8_inverse_step(amax)
     return (torch.round(w * inv) + 128).to(torch.uint8), (amax / 127.0).squeeze(-1)
 
 
@@ -47,7 +47,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """`linear` for --dense-int8 weights, on x rounded to int8 per block of 32 (as the kernel does)."""
     w = (weight.float() - 128) * scale.float()[:, None]
-    y = torch.nn.functional.linear(round_to_int8_blocks(x).float(), w, None if bias is None else bias.float())
+    y = torch.nn.functional.linear(round_to_int8_blocks(x.float()), w, None if bias is None else bias.float())
     return y.to(x.dtype)
 
 
@@ -76,6 +76,12 @@ def swiglu(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
     return (up + 1) * glu
 
 
+def int8_inverse_step(amax: torch.Tensor) -> torch.Tensor:
+    """127 / amax, or 0 where amax is 0 or so small (< 3.7e-37) that it overflows: those blocks become 0."""
+    inv = torch.full_like(amax, 127.0) / amax  # tensor / tensor: IEEE division (`127.0 / t` is not exact)
+    return torch.where((amax > 0) & torch.isfinite(inv), inv, torch.zeros_like(amax))
+
+
 def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     """x with each block of 32 rounded to int8 steps of max|block| / 127 (llama.cpp's q8_0).
 
@@ -83,8 +89,8 @@ def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     weights exactly; this is that rounding, for the tests that compare the two.
     """
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))  # IEEE division: `127.0 / t` is not
+    amax = blocks.abs().amax(-1, keepdim=True)  # NaN if the block holds one: it then stays NaN
+    inv = int8_inverse_step(amax)
     return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape).to(x.dtype)
 
 

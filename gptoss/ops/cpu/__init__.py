@@ -139,7 +139,7 @@ def set_int8_activations(mode: str) -> None:
 
 
 def int8_activations_supported() -> bool:
-    """True when this CPU runs the int8 expert path (AVX-512 VNNI and VBMI) and the avx512 paths are on."""
+    """True when this CPU has AVX-512 VNNI and VBMI and an avx512 path is in use (not forced to avx2/scalar)."""
     ext = _load()
     return ext is not None and ext.int8_activations_supported()
 

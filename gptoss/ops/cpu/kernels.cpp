@@ -771,8 +771,9 @@ T_AVX2 static void swiglu_avx2(const float* gate, const float* up, float* a, int
   int64_t i = 0;
   const __m256 lim = _mm256_set1_ps(limit), nlim = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.f);
   for (; i + 8 <= I; i += 8) {
-    const __m256 g = _mm256_min_ps(_mm256_loadu_ps(gate + i), lim);
-    const __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(up + i), lim), nlim);
+    // min/max return their second operand when one is NaN: the input goes second so NaN stays NaN.
+    const __m256 g = _mm256_min_ps(lim, _mm256_loadu_ps(gate + i));
+    const __m256 u = _mm256_max_ps(nlim, _mm256_min_ps(lim, _mm256_loadu_ps(up + i)));
     const __m256 e = exp256(_mm256_mul_ps(g, _mm256_set1_ps(-kSwigluAlpha)));
     _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_add_ps(u, one), _mm256_div_ps(g, _mm256_add_ps(one, e))));
   }
@@ -783,8 +784,8 @@ T_AVX512 static void swiglu_avx512(const float* gate, const float* up, float* a,
   int64_t i = 0;
   const __m512 lim = _mm512_set1_ps(limit), nlim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.f);
   for (; i + 16 <= I; i += 16) {
-    const __m512 g = _mm512_min_ps(_mm512_loadu_ps(gate + i), lim);
-    const __m512 u = _mm512_max_ps(_mm512_min_ps(_mm512_loadu_ps(up + i), lim), nlim);
+    const __m512 g = _mm512_min_ps(lim, _mm512_loadu_ps(gate + i));  // NaN stays NaN (see avx2)
+    const __m512 u = _mm512_max_ps(nlim, _mm512_min_ps(lim, _mm512_loadu_ps(up + i)));
     const __m512 e = exp512(_mm512_mul_ps(g, _mm512_set1_ps(-kSwigluAlpha)));
     _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_add_ps(u, one), _mm512_div_ps(g, _mm512_add_ps(one, e))));
   }
@@ -1108,7 +1109,11 @@ at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tenso
               "attention: q, k, v must share a dtype");
   TORCH_CHECK(q_.size(2) % k_.size(-2) == 0, "attention: query heads must be a multiple of kv heads");
   TORCH_CHECK(k_pos.dim() == 2 && k_pos.size(0) == q_.size(0), "attention: k_pos must be [B, S]");
-  TORCH_CHECK(paged || (k_.dim() == 4 && k_.size(1) == k_pos.size(1)), "attention: k must be [B, S, H, D]");
+  TORCH_CHECK(paged || (k_.dim() == 4 && k_.size(0) == q_.size(0) && k_.size(1) == k_pos.size(1)),
+              "attention: k must be [B, S, H, D]");
+  TORCH_CHECK(k_.size(-1) == q_.size(3), "attention: q and k head dims differ");
+  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == q_.size(0) && q_pos.size(1) == q_.size(1),
+              "attention: q_pos must be [B, T]");
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   auto s = sinks.to(at::kFloat).contiguous();
   auto qp = q_pos.to(at::kLong).contiguous(), kp = k_pos.to(at::kLong).contiguous();
@@ -1288,7 +1293,7 @@ std::string get_int8_activations() {
   return names[static_cast<int>(g_int8_act)];
 }
 
-bool int8_activations_supported() { return g_has_vnni && g_best >= Isa::Avx512; }
+bool int8_activations_supported() { return g_has_vnni && g_isa >= Isa::Avx512; }
 
 static constexpr int kQ8Offset = 12;  // 2 * 6, the largest E2M1 magnitude, doubled
 
@@ -1303,13 +1308,22 @@ struct Q8Tables {
 static const Q8Tables kQ8;
 
 // One row of K activations -> int8 q (natural order), d / 2 and -12 * sum(q) per block.
+// max that keeps a NaN (std::max drops it when it comes second).
+static INLINE float nan_max(float a, float b) { return std::isnan(a) || b <= a ? a : b; }
+
+// 127 / amax, or 0 where amax is 0 or so small that the quotient overflows (as the reference).
+static INLINE float int8_inverse_step(float amax) {
+  const float inv = 127.f / amax;
+  return amax > 0.f && std::isfinite(inv) ? inv : 0.f;
+}
+
 template <class T>
 static void quantize_q8_blocks(const T* src, int64_t K, int8_t* q, float* dh, int32_t* ncorr,
                                int32_t offset = kQ8Offset) {
   for (int64_t b = 0; b < K / 32; ++b) {
     float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(to_f32(src[b * 32 + i])));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int i = 0; i < 32; ++i) amax = nan_max(amax, std::fabs(to_f32(src[b * 32 + i])));
+    const float inv = int8_inverse_step(amax);
     int32_t sum = 0;
     for (int i = 0; i < 32; ++i) {
       const float v = to_f32(src[b * 32 + i]) * inv;
@@ -1317,7 +1331,7 @@ static void quantize_q8_blocks(const T* src, int64_t K, int8_t* q, float* dh, in
       q[b * 32 + i] = static_cast<int8_t>(qi);
       sum += qi;
     }
-    dh[b] = std::isfinite(amax) ? amax / 127.f * 0.5f : std::numeric_limits<float>::quiet_NaN();
+    dh[b] = std::isfinite(amax) ? amax / 127.f * 0.5f : std::numeric_limits<float>::quiet_NaN();  // NaN/inf in, NaN out
     ncorr[b] = -offset * sum;
   }
 }
@@ -1637,8 +1651,13 @@ static void quantize_rows_i8(const T* w, int64_t N, int64_t K, uint8_t* out, flo
   parallel_units(N, [&](int64_t n, std::vector<float>&) {
     const T* row = w + n * K;
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_f32(row[k])));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = nan_max(amax, std::fabs(to_f32(row[k])));
+    if (!std::isfinite(amax)) {  // the caller refuses the weight (its scale is not finite)
+      std::memset(out + n * K, 128, K);
+      scale[n] = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
+    const float inv = int8_inverse_step(amax);
     for (int64_t k = 0; k < K; ++k)
       out[n * K + k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(to_f32(row[k]) * inv)) + 128);
     scale[n] = amax / 127.f;
