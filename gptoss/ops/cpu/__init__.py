@@ -52,6 +52,16 @@ def _build_folder() -> tuple[str, Path]:
     return name, cache_dir() / tag / name
 
 
+def _apply_env(setter, variable: str) -> None:
+    """Pass an environment setting to the extension; a bad value is ignored with one warning."""
+    value = os.environ.get(variable, "").strip().lower()
+    if value:
+        try:
+            setter(value)
+        except RuntimeError as e:
+            log.warning("%s=%s ignored: %s", variable, value, str(e).splitlines()[0])
+
+
 def _load():
     """Build (first use) and import the extension; on failure remember why and warn once."""
     global _ext, _error
@@ -73,18 +83,8 @@ def _load():
                                      extra_ldflags=_LDFLAGS, build_directory=str(folder), verbose=False)
             if fresh:
                 log.info("built gptoss CPU kernels in %.1f s (%s)", time.perf_counter() - start, folder)
-            int8_mode = os.environ.get("GPTOSS_INT8_ACTIVATIONS", "").strip().lower()
-            if int8_mode:
-                try:
-                    ext.set_int8_activations(int8_mode)
-                except RuntimeError as e:
-                    log.warning("GPTOSS_INT8_ACTIVATIONS=%s ignored: %s", int8_mode, str(e).splitlines()[0])
-            forced = os.environ.get("GPTOSS_CPU_ISA", "").strip().lower()
-            if forced:
-                try:
-                    ext.set_isa(forced)
-                except RuntimeError as e:
-                    log.warning("GPTOSS_CPU_ISA=%s ignored: %s", forced, str(e).splitlines()[0])
+            _apply_env(ext.set_int8_activations, "GPTOSS_INT8_ACTIVATIONS")
+            _apply_env(ext.set_isa, "GPTOSS_CPU_ISA")
             _ext = ext
         except Exception as e:  # no compiler, no ninja, a compile error: keep working without
             lines = [line for line in str(e).strip().splitlines() if line.strip()]

@@ -1679,9 +1679,9 @@ std::vector<at::Tensor> quantize_rows_int8(const at::Tensor& w_) {
   return {out, scale};
 }
 
-// y = round_int8_blocks(x) (W8 * scale)^T + b. Few rows: the VNNI matrix-vector kernel (or the
-// scalar one); many rows: a tile of rows widened to fp32 and the fp32 product with x rounded the
-// same way, so a row gets the same result either way up to fp32 summation order.
+// y = round_int8_blocks(x) (W8 * scale)^T + b. Few rows: the VNNI matrix-vector kernel; many rows:
+// the experts' int8 tile product, so a row gets the same integer sums either way. Without VNNI
+// (where --dense-int8 is refused) the scalar matrix-vector kernel serves every size.
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tensor& scale_,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "linear_int8: weight must be uint8 [N, K]");
@@ -1700,18 +1700,6 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tens
   const Isa isa = g_isa;
   const bool x_bf16 = x2.scalar_type() == at::kBFloat16;
 
-  // For the matrix-vector kernels and the fp32 fallback: every token's int8 rounding and scales.
-  const int64_t rbytes = i8_row_bytes(K);
-  std::vector<uint8_t> xp;
-  auto prepare_rows = [&]() {
-    xp.resize(M * rbytes);
-    parallel_units(M, [&](int64_t mi, std::vector<float>& scratch) {
-      if (x_bf16)
-        prepare_i8_row(static_cast<const bf16_t*>(x2.data_ptr()) + mi * K, K, xp.data() + mi * rbytes, scratch);
-      else
-        prepare_i8_row(x2.data_ptr<float>() + mi * K, K, xp.data() + mi * rbytes, scratch);
-    }, 8);
-  };
 
   if (M > kGemvMaxRows && g_has_vnni && isa >= Isa::Avx512) {
     // The experts' int8 tile product: the stored bytes are already its tile (offset 128 instead of
@@ -1741,30 +1729,16 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tens
       }
       q8_gemm_tile(wt, ws, nr, xt.data(), M, K, op + n0, N);
     });
-  } else if (M > kGemvMaxRows && isa >= Isa::Avx512) {
-    // x as the fp32 values of its int8 rounding, packed once; weights widened a tile at a time.
-    prepare_rows();
-    std::vector<float> xr(M * K), xt(gemm_mpad(M) * K);
-    for (int64_t mi = 0; mi < M; ++mi) {
-      const uint8_t* r = xp.data() + mi * rbytes;
-      const int8_t* q = reinterpret_cast<const int8_t*>(r);
-      const float* d = reinterpret_cast<const float*>(r + i8_kpad(K));
-      for (int64_t k = 0; k < K; ++k) xr[mi * K + k] = static_cast<float>(q[k]) * d[k / 4];
-    }
-    pack_xt(xr.data(), K, nullptr, M, K, xt.data());
-    constexpr int64_t rows = 32;
-    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& tile) {
-      const int64_t n0 = u * rows, nr = std::min(N, n0 + rows) - n0;
-      tile.assign(rows * K, 0.f);
-      const uint8_t* wr = w.data_ptr<uint8_t>() + n0 * K;
-      for (int64_t r = 0; r < nr; ++r) {
-        const float s = scale.data_ptr<float>()[n0 + r];
-        for (int64_t k = 0; k < K; ++k) tile[r * K + k] = (static_cast<float>(wr[r * K + k]) - 128.f) * s;
-      }
-      gemm_tile(tile.data(), nr, xt.data(), M, K, op + n0, N);
-    });
   } else {
-    prepare_rows();
+    // Matrix-vector kernels (the scalar one where VNNI is missing): every token's int8 rounding and scales.
+    const int64_t rbytes = i8_row_bytes(K);
+    std::vector<uint8_t> xp(M * rbytes);
+    parallel_units(M, [&](int64_t mi, std::vector<float>& scratch) {
+      if (x_bf16)
+        prepare_i8_row(static_cast<const bf16_t*>(x2.data_ptr()) + mi * K, K, xp.data() + mi * rbytes, scratch);
+      else
+        prepare_i8_row(x2.data_ptr<float>() + mi * K, K, xp.data() + mi * rbytes, scratch);
+    }, 8);
     const I8Args a{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), xp.data(), M, K, op, N};
     const I8Kernel& kern = g_has_vnni && isa >= Isa::Avx512 ? kI8Vnni : kI8Scalar;
     const int64_t rows = rows_per_unit(N);
@@ -1915,13 +1889,23 @@ struct ProjectionUnit {
   int64_t g, r0, r1;
 };
 
-static std::vector<ProjectionUnit> projection_units(const std::vector<ExpertGroup>& groups, int64_t rows) {
+// Runs body(unit, group, expert blocks, expert scales, output rows of the group, scratch) over every
+// (group, row range) piece of one projection, in parallel.
+template <class Body>
+static void for_each_projection_unit(const std::vector<ExpertGroup>& groups, const uint8_t* blocks,
+                                     const uint8_t* scales, int64_t rows, int64_t nblk, float* y, int64_t ldy,
+                                     const Body& body) {
   std::vector<ProjectionUnit> units;
   for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
     const int64_t step = groups[g].fused ? kFusedRows : kTileRows;
     for (int64_t r = 0; r < rows; r += step) units.push_back({g, r, std::min(rows, r + step)});
   }
-  return units;
+  parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& scratch) {
+    const ProjectionUnit& un = units[ui];
+    const ExpertGroup& grp = groups[un.g];
+    body(un, grp, blocks + grp.expert * rows * nblk * 16, scales + grp.expert * rows * nblk, y + grp.first * ldy,
+         scratch);
+  });
 }
 
 // One projection for every used expert: Y_e [count, rows] = X_e @ W_e^T, into y at row g.first.
@@ -1929,15 +1913,11 @@ static void expert_projection(Isa isa, MxKind kind, const std::vector<ExpertGrou
                               const uint8_t* scales, int64_t rows, int64_t K, const float* xbuf, float* y,
                               int64_t ldy) {
   const int64_t nblk = K / 32, ld_fused = mx_prepared_len(kind, K);
-  const std::vector<ProjectionUnit> units = projection_units(groups, rows);
   const MxKernel& mxk = mx_kernel(kind);
   const DenseKernel& dk = dense_kernel(isa, false, false);
-  parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& tile) {
-    const ProjectionUnit& un = units[ui];
-    const ExpertGroup& grp = groups[un.g];
-    const uint8_t* eb = blocks + grp.expert * rows * nblk * 16;
-    const uint8_t* es = scales + grp.expert * rows * nblk;
-    float* yg = y + grp.first * ldy;
+  for_each_projection_unit(groups, blocks, scales, rows, nblk, y, ldy, [&](const ProjectionUnit& un,
+                           const ExpertGroup& grp, const uint8_t* eb, const uint8_t* es, float* yg,
+                           std::vector<float>& tile) {
     if (grp.fused) {
       const MxArgs a{eb, es, nblk, xbuf + grp.x_off, ld_fused, grp.count, yg, ldy};
       mx_rows(mxk, a, un.r0, un.r1);
@@ -1986,13 +1966,9 @@ static void q8_pack_inputs(std::vector<ExpertGroup>& groups, const T* src, int64
 static void q8_expert_projection(const std::vector<ExpertGroup>& groups, const uint8_t* blocks, const uint8_t* scales,
                                  int64_t rows, int64_t K, const uint8_t* xbuf, float* y, int64_t ldy) {
   const int64_t nblk = K / 32;
-  const std::vector<ProjectionUnit> units = projection_units(groups, rows);
-  parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& scratch) {
-    const ProjectionUnit& un = units[ui];
-    const ExpertGroup& grp = groups[un.g];
-    const uint8_t* eb = blocks + grp.expert * rows * nblk * 16;
-    const uint8_t* es = scales + grp.expert * rows * nblk;
-    float* yg = y + grp.first * ldy;
+  for_each_projection_unit(groups, blocks, scales, rows, nblk, y, ldy, [&](const ProjectionUnit& un,
+                           const ExpertGroup& grp, const uint8_t* eb, const uint8_t* es, float* yg,
+                           std::vector<float>& scratch) {
     if (grp.fused) {
       q8_rows(Q8Args{eb, es, nblk, xbuf + grp.x_off, grp.count, yg, ldy}, un.r0, un.r1);
       return;
