@@ -54,6 +54,9 @@ BLOCK_KEYS = {
     "mlp.experts.down_blocks":           ("mlp.experts.down_proj_blocks",        "mlp.mlp2_weight.blocks"),
     "mlp.experts.down_scales":           ("mlp.experts.down_proj_scales",        "mlp.mlp2_weight.scales"),
     "mlp.experts.down_bias":             ("mlp.experts.down_proj_bias",          "mlp.mlp2_bias"),
+    # Float experts (fine-tunes, gptoss training): Hugging Face layout only.
+    "mlp.experts.gate_up_proj":          ("mlp.experts.gate_up_proj",            None),
+    "mlp.experts.down_proj":             ("mlp.experts.down_proj",               None),
 }
 _BLOCK_PREFIX = {HF: "model.layers.{}.", ORIGINAL: "block.{}."}
 _FUSED = re.compile(r"^(.*)\[([qkv])\]$")
@@ -76,6 +79,8 @@ def checkpoint_key(name: str, layout: str, config: ModelConfig) -> KeyRef:
     if not match or match.group(2) not in BLOCK_KEYS:
         raise KeyError(f"no checkpoint key is known for parameter {name}")
     layer, local = int(match.group(1)), match.group(2)
+    if BLOCK_KEYS[local][column] is None:
+        raise CheckpointError(f"the {layout} layout has no tensor for {name}: it stores MXFP4 experts only")
     key = _BLOCK_PREFIX[layout].format(layer) + BLOCK_KEYS[local][column]
     fused = _FUSED.match(key)
     if not fused:
@@ -207,6 +212,16 @@ def detect_layout(folder: Path) -> tuple[Path, str, ModelConfig]:
     raw = json.loads(config_path.read_text())
     layout = HF if isinstance(raw, dict) and ("model_type" in raw or "num_local_experts" in raw) else ORIGINAL
     return folder, layout, config
+
+
+def with_stored_expert_format(reader: CheckpointReader, layout: str, config: ModelConfig) -> ModelConfig:
+    """The config with the expert format the tensors have: MXFP4 blocks or float matrices
+    (config.json may not say, or say otherwise)."""
+    import dataclasses
+
+    float_key = checkpoint_key("blocks.0.mlp.experts.gate_up_proj", layout, config).key if layout == HF else None
+    found = "float" if float_key is not None and float_key in reader else "mxfp4"
+    return config if found == config.expert_format else dataclasses.replace(config, expert_format=found)
 
 
 # -- writing --------------------------------------------------------------------------------

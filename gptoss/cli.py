@@ -16,6 +16,11 @@ def cmd_synth(args) -> None:
     from gptoss.synth import write_random_checkpoint
 
     config = ModelConfig.preset(args.preset)
+    if args.experts != config.expert_format:
+        if args.layout == "original":
+            raise UsageError("the original layout stores MXFP4 experts only; use --layout hf with --experts float")
+        import dataclasses
+        config = dataclasses.replace(config, expert_format=args.experts)
     if args.layers is not None:
         if args.layers < 1:
             raise UsageError("--layers must be at least 1")
@@ -27,7 +32,17 @@ def cmd_synth(args) -> None:
     write_random_checkpoint(out, config, seed=args.seed, layout=args.layout, progress=True)
     if config.vocab_size == ModelConfig.preset("20b").vocab_size:
         _write_tokenizer(out)
-    print(f"wrote a random {args.preset} checkpoint ({config.num_hidden_layers} layers, {args.layout} layout) to {out}")
+    print(f"wrote a random {args.preset} checkpoint ({config.num_hidden_layers} layers, {args.layout} layout, "
+          f"{config.expert_format} experts) to {out}")
+
+
+def cmd_quantize(args) -> None:
+    from gptoss.quantize import checkpoint_bytes, quantize_checkpoint
+
+    out = quantize_checkpoint(args.in_dir, args.out_dir, rule=args.rule, progress=True)
+    before, after = checkpoint_bytes(args.in_dir), checkpoint_bytes(out)
+    print(f"quantized the experts of {args.in_dir} to MXFP4 ({args.rule} rule) in {out}: "
+          f"{before / 1e9:.3f} GB -> {after / 1e9:.3f} GB ({before:,} -> {after:,} bytes)")
 
 
 def _write_tokenizer(folder: Path) -> None:
@@ -133,7 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=["hf", "original"], default="hf")
+    p.add_argument("--experts", choices=["mxfp4", "float"], default="mxfp4",
+                   help="expert weights as published (mxfp4) or as float matrices (hf layout only)")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("quantize", help="turn a float-expert checkpoint into the published MXFP4 layout")
+    p.add_argument("in_dir", metavar="IN_DIR", help="Hugging Face folder with float experts (a fine-tune)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
+    p.add_argument("--rule", choices=["floor", "ceil"], default="floor",
+                   help="MXFP4 scale rule: floor (OCP spec, as OpenAI published; default) or ceil (triton_kernels)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="print a checkpoint's config, sizes and bytes read per token")
     p.add_argument("path", help="model folder")

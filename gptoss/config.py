@@ -36,6 +36,9 @@ class ModelConfig:
     rope_ntk_beta: float = 32.0  # beta_fast
     rope_ntk_alpha: float = 1.0  # beta_slow
     eos_token_ids: tuple[int, ...] = (200002, 199999, 200012)
+    # How the experts are stored: "mxfp4" (the published blocks and scales) or "float" (the
+    # dequantized layout of fine-tunes and of gptoss's own training, no quantization_config).
+    expert_format: str = "mxfp4"
 
     def __post_init__(self):
         if not self.layer_types:
@@ -90,6 +93,8 @@ class ModelConfig:
             raise ConfigError(f"layer_types holds {bad}; expected 'sliding_attention' or 'full_attention'")
         if "sliding_attention" in self.layer_types and self.sliding_window <= 0:
             raise ConfigError("sliding_window must be positive when a layer uses sliding attention")
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ConfigError(f"expert_format must be one of {EXPERT_FORMATS}, got {self.expert_format!r}")
         for name in ("rope_theta", "rope_scaling_factor", "swiglu_limit", "rms_norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -177,6 +182,7 @@ class ModelConfig:
         if quant is not None and quant.get("quant_method") != "mxfp4":
             raise ConfigError(f"quantization_config.quant_method is {quant.get('quant_method')!r}; "
                               "gptoss reads the published MXFP4 checkpoints")
+        kwargs["expert_format"] = "mxfp4" if quant is not None else "float"
         eos = data.get("eos_token_id")
         if isinstance(eos, list) and eos:
             kwargs["eos_token_ids"] = tuple(eos)
@@ -188,7 +194,8 @@ class ModelConfig:
         return config
 
     def to_hf_dict(self) -> dict:
-        return {
+        """config.json of the Hugging Face layout; quantization_config only for MXFP4 experts."""
+        out = {
             "architectures": ["GptOssForCausalLM"],
             "model_type": "gpt_oss",
             "num_hidden_layers": self.num_hidden_layers,
@@ -220,18 +227,27 @@ class ModelConfig:
             "eos_token_id": 200002 if self.vocab_size > 200002 else None,
             "pad_token_id": 199999 if self.vocab_size > 199999 else None,
             "use_cache": True,
-            "quantization_config": {
-                "quant_method": "mxfp4",
-                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                           "model.embed_tokens", "lm_head"],
-            },
         }
+        if self.expert_format == "mxfp4":
+            out["quantization_config"] = MXFP4_QUANTIZATION_CONFIG
+        return out
 
     def to_original_dict(self) -> dict:
+        if self.expert_format != "mxfp4":
+            raise ConfigError("the original layout stores MXFP4 experts only; quantize first (gptoss quantize)")
         if self.layer_types != default_layer_types(self.num_hidden_layers):
             raise ConfigError("the original layout can only express alternating sliding/full layers")
         out = {name: getattr(self, name) for name in sorted(ORIGINAL_FIELDS)}
         return out
+
+
+EXPERT_FORMATS = ("mxfp4", "float")
+# As in the published gpt-oss config.json files.
+MXFP4_QUANTIZATION_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                               "model.embed_tokens", "lm_head"],
+}
 
 
 def default_layer_types(num_layers: int) -> tuple[str, ...]:
@@ -245,7 +261,7 @@ def _numbers(kwargs: dict) -> dict:
     out = {}
     for key, value in kwargs.items():
         default = fields[key].default
-        if isinstance(default, bool) or key in ("layer_types", "eos_token_ids"):
+        if isinstance(default, bool) or key in ("layer_types", "eos_token_ids", "expert_format"):
             out[key] = value
         elif isinstance(default, int):
             if isinstance(value, float) and value.is_integer():

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptoss.checkpoint import CheckpointReader, checkpoint_key, detect_layout, dtype_name
+from gptoss.checkpoint import CheckpointReader, checkpoint_key, detect_layout, dtype_name, with_stored_expert_format
 from gptoss.config import ModelConfig
 
 
@@ -55,6 +55,8 @@ def bytes_read_per_token(config: ModelConfig, reader: CheckpointReader, layout: 
 def footprint(path: str | Path) -> Footprint:
     folder, layout, config = detect_layout(Path(path))
     reader = CheckpointReader(folder)
+    # MXFP4 blocks or float matrices: the tensors say which, whatever config.json claims.
+    config = with_stored_expert_format(reader, layout, config)
     by_dtype = Counter()
     for entry in reader.entries.values():
         by_dtype[dtype_name(entry.dtype)] += entry.nbytes

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from gptoss import ops
-from gptoss.checkpoint import CheckpointError, CheckpointReader, checkpoint_key, detect_layout
+from gptoss.checkpoint import (CheckpointError, CheckpointReader, checkpoint_key, detect_layout,
+                               with_stored_expert_format)
 from gptoss.config import ConfigError, ModelConfig
 
 
@@ -121,22 +122,34 @@ class Attention(nn.Module):
 
 
 class Experts(nn.Module):
-    """The experts of one layer, kept as stored: MXFP4 blocks and scales, plus biases."""
+    """The experts of one layer, kept as stored: MXFP4 blocks and scales plus biases, or (for
+    fine-tunes and training, `expert_format="float"`) float matrices in the Hugging Face layout,
+    which are parameters that autograd trains through the reference ops."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
         self.swiglu_limit = config.swiglu_limit
-        self.register_buffer("gate_up_blocks", torch.zeros(e, 2 * i, h // 32, 16, dtype=torch.uint8))
-        self.register_buffer("gate_up_scales", torch.zeros(e, 2 * i, h // 32, dtype=torch.uint8))
-        self.register_buffer("gate_up_bias", torch.zeros(e, 2 * i))
-        self.register_buffer("down_blocks", torch.zeros(e, h, i // 32, 16, dtype=torch.uint8))
-        self.register_buffer("down_scales", torch.zeros(e, h, i // 32, dtype=torch.uint8))
-        self.register_buffer("down_bias", torch.zeros(e, h))
+        self.is_mxfp4 = config.expert_format == "mxfp4"
+        if self.is_mxfp4:
+            self.register_buffer("gate_up_blocks", torch.zeros(e, 2 * i, h // 32, 16, dtype=torch.uint8))
+            self.register_buffer("gate_up_scales", torch.zeros(e, 2 * i, h // 32, dtype=torch.uint8))
+            self.register_buffer("gate_up_bias", torch.zeros(e, 2 * i))
+            self.register_buffer("down_blocks", torch.zeros(e, h, i // 32, 16, dtype=torch.uint8))
+            self.register_buffer("down_scales", torch.zeros(e, h, i // 32, dtype=torch.uint8))
+            self.register_buffer("down_bias", torch.zeros(e, h))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.zeros(e, h, 2 * i))  # [E, in, out], gate/up interleaved
+            self.gate_up_bias = nn.Parameter(torch.zeros(e, 2 * i))
+            self.down_proj = nn.Parameter(torch.zeros(e, i, h))
+            self.down_bias = nn.Parameter(torch.zeros(e, h))
 
     def weights(self) -> ops.ExpertWeights:
-        return ops.ExpertWeights(self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias,
-                                 self.down_blocks, self.down_scales, self.down_bias, self.swiglu_limit)
+        if self.is_mxfp4:
+            return ops.ExpertWeights(self.gate_up_blocks, self.gate_up_scales, self.gate_up_bias,
+                                     self.down_blocks, self.down_scales, self.down_bias, self.swiglu_limit)
+        return ops.ExpertWeights.from_float(self.gate_up_proj, self.gate_up_bias, self.down_proj,
+                                            self.down_bias, self.swiglu_limit)
 
 
 class MoE(nn.Module):
@@ -191,6 +204,16 @@ class Model(nn.Module):
         and their keys/values are stored. `last_only` or `logit_index` [B] (one position per row)
         computes the lm_head for one position per row: logits [B, 1, V].
         """
+        b = input_ids.shape[0]
+        x = self.hidden_states(input_ids, cache, positions)
+        if last_only:
+            x = x[:, -1:]
+        elif logit_index is not None:
+            x = x[torch.arange(b, device=x.device), logit_index][:, None]
+        return self.lm_head(self.norm(x))
+
+    def hidden_states(self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the last block [B, T, H] (before the final norm and lm_head)."""
         b, t = input_ids.shape
         if positions is None:
             start = cache.lengths if cache is not None else torch.zeros(b, dtype=torch.long, device=input_ids.device)
@@ -201,11 +224,7 @@ class Model(nn.Module):
             x = block(x, positions, rope, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.advance(positions)
-        if last_only:
-            x = x[:, -1:]
-        elif logit_index is not None:
-            x = x[torch.arange(b, device=x.device), logit_index][:, None]
-        return self.lm_head(self.norm(x))
+        return x
 
     @torch.no_grad()
     def quantize_dense_int8(self) -> None:
@@ -231,6 +250,7 @@ class Model(nn.Module):
         """
         folder, layout, config = detect_layout(Path(path))
         reader = CheckpointReader(folder)
+        config = with_stored_expert_format(reader, layout, config)
         with torch.device("meta"):
             model = cls(config)
         expected = model.state_dict()

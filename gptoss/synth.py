@@ -2,7 +2,9 @@
 
 Every parameter is random (biases, sinks and norm weights included: zeros would hide bugs), at
 scales that keep activations finite through every layer. Experts are random MXFP4 codes with
-scales chosen so each matrix has about unit gain. Writing streams one layer at a time.
+scales chosen so each matrix has about unit gain, or (`config.expert_format == "float"`, Hugging
+Face layout only) random bf16 matrices of about unit gain in the dequantized layout that
+fine-tunes and `gptoss quantize` start from. Writing streams one layer at a time.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def layer_tensors(config: ModelConfig, layer: int, seed: int) -> dict[str, torch
         p + "mlp.experts.gate_up_bias": _normal(gen, e, 2 * i, std=0.1),
         p + "mlp.experts.down_bias": _normal(gen, e, h, std=0.1),
     }
+    if config.expert_format == "float":
+        # [E, in, out] as Hugging Face stores them (gate and up interleaved on the last axis).
+        t[p + "mlp.experts.gate_up_proj"] = _normal(gen, e, h, 2 * i, std=h ** -0.5)
+        t[p + "mlp.experts.down_proj"] = _normal(gen, e, i, h, std=i ** -0.5)
+        return t
     t[p + "mlp.experts.gate_up_blocks"], t[p + "mlp.experts.gate_up_scales"] = random_mxfp4(gen, 2 * i, h, e)
     t[p + "mlp.experts.down_blocks"], t[p + "mlp.experts.down_scales"] = random_mxfp4(gen, h, i, e)
     return t
@@ -74,9 +81,15 @@ def global_tensors(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
 def write_random_checkpoint(out: str | Path, config: ModelConfig, seed: int = 0, layout: str = HF,
                             progress: bool = False) -> Path:
-    """Write a random-weight checkpoint folder at `out`; one shard per layer plus one for the rest."""
+    """Write a random-weight checkpoint folder at `out`; one shard per layer plus one for the rest.
+
+    The experts follow `config.expert_format`: MXFP4 blocks and scales, or float matrices (the
+    Hugging Face layout only; its config.json then has no quantization_config).
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if layout == ORIGINAL and config.expert_format != "mxfp4":
+        raise ValueError("the original layout stores MXFP4 experts only; write float experts in the hf layout")
     out = Path(out)
     writer = ShardedWriter(out, num_shards=config.num_hidden_layers + 1)
     # Shard k holds layer k; the last one the embedding, final norm and lm_head.

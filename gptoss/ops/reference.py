@@ -15,19 +15,37 @@ from gptoss import mxfp4
 
 @dataclass
 class ExpertWeights:
-    """One layer's experts as stored: MXFP4 matrices, bf16/fp32 biases."""
+    """One layer's experts as stored: MXFP4 matrices (blocks and scales), or float matrices in the
+    Hugging Face layout (`gate_up_proj`, `down_proj`; the blocks and scales are then None)."""
 
-    gate_up_blocks: torch.Tensor  # uint8 [E, 2I, H/32, 16], gate and up rows interleaved
-    gate_up_scales: torch.Tensor  # uint8 [E, 2I, H/32]
+    gate_up_blocks: torch.Tensor | None  # uint8 [E, 2I, H/32, 16], gate and up rows interleaved
+    gate_up_scales: torch.Tensor | None  # uint8 [E, 2I, H/32]
     gate_up_bias: torch.Tensor  # [E, 2I]
-    down_blocks: torch.Tensor  # uint8 [E, H, I/32, 16]
-    down_scales: torch.Tensor  # uint8 [E, H, I/32]
+    down_blocks: torch.Tensor | None  # uint8 [E, H, I/32, 16]
+    down_scales: torch.Tensor | None  # uint8 [E, H, I/32]
     down_bias: torch.Tensor  # [E, H]
     swiglu_limit: float = 7.0
+    gate_up_proj: torch.Tensor | None = None  # float [E, H, 2I] (input dimension first)
+    down_proj: torch.Tensor | None = None  # float [E, I, H]
+
+    @classmethod
+    def from_float(cls, gate_up_proj, gate_up_bias, down_proj, down_bias, swiglu_limit=7.0) -> "ExpertWeights":
+        return cls(None, None, gate_up_bias, None, None, down_bias, swiglu_limit, gate_up_proj, down_proj)
+
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.gate_up_proj is None
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up_blocks.shape[0]
+        return self.gate_up_bias.shape[0]
+
+    def matrices(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, H], down [H, I]) in `dtype`: dequantized, or the float ones transposed."""
+        if self.is_mxfp4:
+            return (mxfp4.dequantize(self.gate_up_blocks[e], self.gate_up_scales[e], dtype),
+                    mxfp4.dequantize(self.down_blocks[e], self.down_scales[e], dtype))
+        return self.gate_up_proj[e].to(dtype).T, self.down_proj[e].to(dtype).T
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,13 +117,13 @@ def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: t
     """sum_k expert_weights[n, k] * Expert_{expert_indices[n, k]}(x[n]) for x [N, H] -> [N, H].
 
     With `int8_activations` the inputs of both projections go through `round_to_int8_blocks`.
+    Differentiable for float experts: training runs through it.
     """
     rounded = round_to_int8_blocks if int8_activations else (lambda t: t)
     out = torch.zeros_like(x)
     for e in expert_indices.unique().tolist():
         token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
-        w_gate_up = mxfp4.dequantize(experts.gate_up_blocks[e], experts.gate_up_scales[e], x.dtype)
-        w_down = mxfp4.dequantize(experts.down_blocks[e], experts.down_scales[e], x.dtype)
+        w_gate_up, w_down = experts.matrices(e, x.dtype)
         h = rounded(x[token]) @ w_gate_up.T + experts.gate_up_bias[e].to(x.dtype)
         y = rounded(swiglu(h, experts.swiglu_limit)) @ w_down.T + experts.down_bias[e].to(x.dtype)
         out.index_add_(0, token, y * expert_weights[token, slot, None].to(x.dtype))

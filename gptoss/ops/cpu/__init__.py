@@ -201,8 +201,11 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
                 experts: ExpertWeights) -> torch.Tensor:
-    """The reference's experts, reading MXFP4 straight from the packed bytes."""
+    """The reference's experts, reading MXFP4 straight from the packed bytes (float experts, which
+    only fine-tunes and training use, run the reference)."""
     ext = _load()
+    if not experts.is_mxfp4:
+        return reference.moe_experts(x, expert_indices, expert_weights, experts)
     tensors = (x, expert_indices, expert_weights, experts.gate_up_blocks, experts.gate_up_scales,
                experts.gate_up_bias, experts.down_blocks, experts.down_scales, experts.down_bias)
     if ext is None or not _plain(*tensors) or x.dim() != 2 or x.dtype not in _FLOAT_TYPES:
