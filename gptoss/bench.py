@@ -1,5 +1,8 @@
 """`gptoss bench`: prefill and decode speed at batch 1, against the machine's memory bandwidth.
 
+It runs the serving engine's own step (flat batch, paged KV cache, sampling), so what it times
+is what a server does for one request.
+
 Decode reads every active weight once per token, so tokens/s x bytes per token is the bandwidth
 the model uses; dividing by the bandwidth measured here (a large read-only reduction) tells how
 close to the physical limit it runs.
@@ -12,8 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from gptoss.engine.engine import LLMEngine
 from gptoss.footprint import footprint
 from gptoss.model import Model
+from gptoss.sampling import SamplingParams
 
 
 @dataclass
@@ -76,27 +81,31 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
     load_s = time.perf_counter() - start
     per_token = bytes_per_token(path, model)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, min(model.config.vocab_size, 199998), (1, prompt_tokens), generator=gen)
+    prompt = torch.randint(0, min(model.config.vocab_size, 199998), (prompt_tokens,), generator=gen).tolist()
+
+    def engine_for(tokens: int) -> LLMEngine:  # the server's engine, holding one request
+        return LLMEngine(model, kv_cache_size=tokens + 64, max_num_seqs=1, max_batched_tokens=max(tokens, 1))
 
     steps = range(gen_tokens + 1)
     if progress:
         from gptoss.progress import track
         steps = track(steps, description="prefill + decode")
     decode_times = []
+    greedy = SamplingParams(temperature=0, max_tokens=gen_tokens + 1, ignore_eos=True)
     with torch.inference_mode():
         touch_every_page(model)  # time the model, not the disk: fault the memory-mapped weights in
-        model(prompt[:, :1], model.new_cache(1))  # builds the CPU kernels on first use: not timed
-        cache = model.new_cache(1)
-        for step in steps:
+        warm = engine_for(1)  # builds the CPU kernels on first use: not timed
+        warm.add_request(prompt[:1], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        warm.run_until_done()
+        engine = engine_for(prompt_tokens + gen_tokens + 1)
+        engine.add_request(prompt, greedy)
+        for step in steps:  # step 0 is the prefill (one chunk), then one decode per step
+            t0 = time.perf_counter()
+            engine.step()
             if step == 0:
-                t0 = time.perf_counter()
-                logits = model(prompt, cache, last_only=True)
                 prefill_s = time.perf_counter() - t0
             else:
-                t0 = time.perf_counter()
-                logits = model(token, cache)
                 decode_times.append(time.perf_counter() - t0)
-            token = logits[:, -1].argmax(-1, keepdim=True)
     # The first decode steps warm caches and thread pools; report the steady state.
     steady = decode_times[len(decode_times) // 8:] or decode_times
     decode_tps = len(steady) / sum(steady)

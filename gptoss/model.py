@@ -212,6 +212,13 @@ class Model(nn.Module):
             x = x[torch.arange(b, device=x.device), logit_index][:, None]
         return self.lm_head(self.norm(x))
 
+    def forward_batch(self, batch, cache) -> torch.Tensor:
+        """One engine step (`gptoss.engine.batch.ForwardBatch`): the N tokens run as N rows of one
+        token each, attention reading each row's own keys through `cache`. Returns the logits of
+        `batch.logit_rows` [R, V]."""
+        x = self.hidden_states(batch.token_ids[:, None], cache, batch.positions[:, None])
+        return self.lm_head(self.norm(x[batch.logit_rows, 0]))
+
     def hidden_states(self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after the last block [B, T, H] (before the final norm and lm_head)."""
         b, t = input_ids.shape

@@ -129,7 +129,13 @@ def _alone_and_among_31(model):
     others_params = [greedy(rng.randint(20, 40)) for _ in others]
     engine = LLMEngine(model, kv_cache_size=16384, max_num_seqs=32, max_batched_tokens=256)
     sizes, with_target, mixed = [], [], []
-    handle = model.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    forward = engine.runner.forward
+
+    def counting_forward(batch):  # one call = one model forward over the whole step
+        sizes.append(batch.num_seqs)
+        return forward(batch)
+
+    engine.runner.forward = counting_forward
     schedule = engine.scheduler.schedule
 
     def spy():
@@ -157,7 +163,7 @@ def _alone_and_among_31(model):
                 with_target.append(sizes[-1])
             steps += 1
     finally:
-        handle.remove()
+        engine.runner.forward = forward
     assert len(sizes) == steps  # one model forward per step, whatever the batch
     assert max(with_target) == 32  # ...and one forward served the target among 31 others
     assert with_target.count(32) >= 5
@@ -337,3 +343,30 @@ def test_kv_cache_size_in_bytes_is_a_budget(model):
     assert tokens.kv_cache_tokens == 1008  # whole 16-token pages
     with pytest.raises(ValueError, match="too small"):
         LLMEngine(model, kv_cache_size="1KB")
+
+
+def test_a_step_computes_exactly_its_real_tokens(model, monkeypatch):
+    """A prefill chunk beside decodes: every layer's experts see the step's N tokens, no padding."""
+    from gptoss import ops
+
+    expert_rows, scheduled = [], []
+    moe = ops.moe_experts
+    monkeypatch.setattr(ops, "moe_experts", lambda x, *args: (expert_rows.append(x.shape[0]), moe(x, *args))[1])
+    engine = LLMEngine(model, kv_cache_size=8192, max_batched_tokens=207)
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        scheduled.append(sum(item.num_tokens for item in batch))
+        return batch
+
+    engine.scheduler.schedule = spy
+    for i, prompt in enumerate(random_prompts([5, 9, 3, 7, 12, 4, 6], seed=5)):
+        engine.add_request(prompt, greedy(6), f"short{i}")
+    engine.step()  # the seven short prompts prefill; from here on they decode
+    engine.add_request(random_prompts([400], seed=6)[0], greedy(2), "long")
+    engine.run_until_done()
+    assert 207 in scheduled  # 7 decodes + a 200-token chunk of the long prompt in one step
+    layers = model.config.num_hidden_layers
+    assert expert_rows == [n for n in scheduled if n for _ in range(layers)]
+    assert engine.runner.expert_rows == sum(scheduled) == engine.stats.batch_tokens == engine.stats.expert_rows

@@ -1,63 +1,57 @@
-"""The model runner: one batched forward over the scheduled sequences, on paged KV tensors.
+"""The model runner: one forward over the scheduled tokens, flat, on paged KV tensors.
 
-The scheduler's pure-Python block tables become index tensors here: for each layer kind, the
-pool rows every row's queries may read (cached pages, then the new tokens) with their positions
-(-1 where empty), and the slot each new token's keys/values go to. A layer stores its new
-keys/values first and attention reads the pools in place, so a step copies no cached K/V. Rows
-are padded to the longest chunk; padding tokens sit at position -1, which nothing can see and
-nothing stores.
+The scheduler's pure-Python block tables become a `ForwardBatch` here: the N new tokens end to
+end (no padding: every layer computes exactly N rows), their positions, the pool slot each
+token's keys/values go to, and each sequence's block tables. A layer stores its new keys/values
+first and attention reads the pools in place, each row through its own sequence's pages, so a
+step copies no cached K/V.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
+from gptoss.engine.batch import ForwardBatch
 from gptoss.engine.kv_cache import KVCacheManager
 from gptoss.engine.scheduler import ScheduledSeq
 from gptoss.model import Model
 from gptoss.sampling import SampleOutput, Sampler
 
 
-@dataclass
-class PoolIndex:
-    """Per-step indices into one pool, shared by its layers.
-
-    rows [B, S]: the pool row (block * block_size + offset) of every key a row's queries may read,
-    its cached pages then its new tokens; positions [B, S]: their positions, -1 where empty or
-    padding; slots [B, T]: where each new token's key/value is stored, -1 for padding.
-    """
-
-    rows: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-
-
 class PagedLayer:
     """The cache of one layer for one step, with the model's LayerCache.update() interface."""
 
-    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, index: PoolIndex):
-        self.k_pool, self.v_pool, self.index = k_pool, v_pool, index
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                 key_rows: torch.Tensor, key_positions: torch.Tensor):
+        self.k_pool, self.v_pool, self.slots = k_pool, v_pool, slots
+        self.key_rows, self.key_positions = key_rows, key_positions
 
     def update(self, k, v, positions):
-        """Store the new keys/values, then let attention read the pool in place through index.rows."""
+        """Store the new keys/values [N, 1, Hkv, D], then let attention read the pool in place."""
         flat_k = self.k_pool.view(-1, *k.shape[2:])
         flat_v = self.v_pool.view(-1, *v.shape[2:])
-        slots = self.index.slots.reshape(-1)
-        keep = slots >= 0
-        flat_k[slots[keep]] = k.reshape(-1, *k.shape[2:])[keep]
-        flat_v[slots[keep]] = v.reshape(-1, *v.shape[2:])[keep]
-        return flat_k, flat_v, self.index.positions, self.index.rows
+        flat_k[self.slots] = k.reshape(-1, *k.shape[2:])
+        flat_v[self.slots] = v.reshape(-1, *v.shape[2:])
+        return flat_k, flat_v, self.key_positions, self.key_rows
 
 
 class PagedCache:
-    def __init__(self, layers: list[PagedLayer]):
-        self.layers = layers
+    """Per-layer views of the pools for one batch; the key index is built once per pool kind."""
+
+    def __init__(self, batch: ForwardBatch, pools: list[tuple[torch.Tensor, torch.Tensor]], sliding_layer: list[bool]):
+        index = {kind: batch.key_index(kind) for kind in set(sliding_layer)}
+        self.layers = [PagedLayer(k, v, batch.sliding_slots if sliding else batch.full_slots, *index[sliding])
+                       for (k, v), sliding in zip(pools, sliding_layer)]
 
     def advance(self, positions) -> None:  # the block tables already say where everything is
         pass
+
+
+def _padded(rows: list[list[int]], fill: int = -1) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
 
 class ModelRunner:
@@ -74,66 +68,55 @@ class ModelRunner:
             k = torch.zeros(blocks, bs, *shape, dtype=model.dtype, device=model.device)
             self.pools.append((k, torch.zeros_like(k)))
         self.sampler = Sampler(seed)
+        self.expert_rows = 0  # token rows the model computed (each goes through every layer's experts)
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype, sliding: bool) -> int:
         layers = sum(1 for i in range(config.num_hidden_layers) if (config.window_of(i) > 0) == sliding)
         return 2 * layers * block_size * config.kv_dim * torch.empty((), dtype=dtype).element_size()
 
-    def _index(self, batch: list[ScheduledSeq], width: int, sliding: bool, new_positions: torch.Tensor) -> PoolIndex:
+    def build_batch(self, batch: list[ScheduledSeq]) -> ForwardBatch:
+        """The scheduler's decision as plain tensors."""
         bs = self.kv.block_size
-        gather_pages, stores = [], []
+        tokens, positions, full_slots, sliding_slots, logit_rows = [], [], [], [], []
+        starts, context, full_tables, sliding_tables, sliding_first = [0], [], [], [], []
         for item in batch:
-            seq, computed = item.seq, item.seq.num_computed
-            if sliding:
-                pages = [p for p in range(self.kv.first_visible_page(computed), -(-computed // bs))
-                         if p in seq.sliding_blocks]
-                table = seq.sliding_blocks
-            else:
-                pages = list(range(-(-computed // bs)))
-                table = dict(enumerate(seq.full_blocks))
-            gather_pages.append([(p, table[p]) for p in pages])
-            row = [table[p // bs] * bs + p % bs for p in range(computed, computed + item.num_tokens)]
-            stores.append(row + [-1] * (width - len(row)))
-        num_pages = max((len(g) for g in gather_pages), default=0)
-        page_ids = torch.tensor([[p for p, _ in g] + [-1] * (num_pages - len(g)) for g in gather_pages],
-                                dtype=torch.long).reshape(len(batch), num_pages)
-        blocks = torch.tensor([[b for _, b in g] + [0] * (num_pages - len(g)) for g in gather_pages],
-                              dtype=torch.long).reshape(len(batch), num_pages)
-        computed = torch.tensor([item.seq.num_computed for item in batch])
-        slot_pos = page_ids[:, :, None] * bs + torch.arange(bs)
-        valid = (page_ids[:, :, None] >= 0) & (slot_pos < computed[:, None, None])
-        positions = torch.where(valid, slot_pos, -1).reshape(len(batch), num_pages * bs)
-        rows = (blocks[:, :, None] * bs + torch.arange(bs)).reshape(len(batch), num_pages * bs)
-        slots = torch.tensor(stores, dtype=torch.long)
-        device = self.model.device
-        return PoolIndex(torch.cat([rows, slots], dim=1).to(device),
-                         torch.cat([positions, new_positions], dim=1).to(device), slots.to(device))
+            seq, start, n = item.seq, item.seq.num_computed, item.num_tokens
+            new = range(start, start + n)
+            tokens += seq.token_ids[start:start + n]
+            positions += new
+            full_slots += [seq.full_blocks[p // bs] * bs + p % bs for p in new]
+            sliding_slots += [seq.sliding_blocks[p // bs] * bs + p % bs for p in new]
+            starts.append(starts[-1] + n)
+            context.append(start + n)
+            full_tables.append(seq.full_blocks)
+            first = self.kv.first_visible_page(start)
+            sliding_first.append(first)
+            sliding_tables.append([seq.sliding_blocks.get(p, -1) for p in range(first, -(-(start + n) // bs))])
+            if item.samples:
+                logit_rows.append(starts[-1] - 1)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return ForwardBatch(as_tensor(tokens), as_tensor(positions), as_tensor(starts), as_tensor(context),
+                            as_tensor(full_slots), as_tensor(sliding_slots), _padded(full_tables),
+                            _padded(sliding_tables), as_tensor(sliding_first), as_tensor(logit_rows), bs)
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [R, V] of the batch's logit rows; stores the new keys/values."""
+        batch = batch.to(self.model.device)
+        return self.model.forward_batch(batch, PagedCache(batch, self.pools, self.sliding_layer))
 
     @torch.no_grad()
     def run(self, batch: list[ScheduledSeq]) -> dict[int, tuple[int, SampleOutput, int]]:
         """Forward the batch; returns id(seq) -> (token, sample output, row) for rows that sample."""
-        width = max(item.num_tokens for item in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        positions = torch.full((len(batch), width), -1, dtype=torch.long)
-        for r, item in enumerate(batch):
-            seq, start = item.seq, item.seq.num_computed
-            tokens = seq.token_ids[start:start + item.num_tokens]
-            ids[r, :len(tokens)] = torch.tensor(tokens)
-            positions[r, :len(tokens)] = torch.arange(start, start + len(tokens))
-        indexes = {kind: self._index(batch, width, kind, positions) for kind in set(self.sliding_layer)}
-        cache = PagedCache([PagedLayer(k, v, indexes[sliding])
-                            for (k, v), sliding in zip(self.pools, self.sliding_layer)])
-        device = self.model.device
-        last = torch.tensor([item.num_tokens - 1 for item in batch], device=device)
-        logits = self.model(ids.to(device), cache, positions=positions.to(device), logit_index=last)[:, 0]
-
-        rows = [r for r, item in enumerate(batch) if item.samples]
-        if not rows:
+        flat = self.build_batch(batch)
+        self.expert_rows += flat.num_tokens
+        logits = self.forward(flat)
+        seqs = [item.seq for item in batch if item.samples]
+        if not seqs:
             return {}
-        seqs = [batch[r].seq for r in rows]
         params = [s.params for s in seqs]
         counts = [Counter(s.output_token_ids) for s in seqs] if any(p.uses_penalties for p in params) else None
-        out = self.sampler.sample(logits[rows].float(), params, counts, [s.generator for s in seqs])
+        out = self.sampler.sample(logits.float(), params, counts, [s.generator for s in seqs])
         tokens = out.token_ids.tolist()
         return {id(s): (tokens[i], out, i) for i, s in enumerate(seqs)}
