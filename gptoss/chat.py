@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from openai_harmony import (Author, Conversation, DeveloperContent, Message, ReasoningEffort, Role,
                             StreamableParser, SystemContent, TextContent, ToolDescription)
 
+from gptoss.tokenizer import CALL, MESSAGE, RETURN, STARTOFTEXT
+
 log = logging.getLogger("gptoss.chat")
 
 EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
-RETURN, CALL = 200002, 200012  # <|return|>, <|call|>: the assistant's stop tokens
 TOOL_PREFIX = "functions."
 # A real header ("<|channel|>commentary to=functions.NAME <|constrain|>json") is about ten tokens;
 # one that runs on this long is not a header, and its tokens are shown as text.
 MAX_HEADER_TOKENS = 48
-FIRST_SPECIAL, MESSAGE = 199998, 200008  # special tokens start at <|startoftext|>; <|message|> opens content
+FIRST_SPECIAL = STARTOFTEXT  # every special token id is at least this
 
 
 class ChatFormatError(ValueError):

@@ -209,6 +209,10 @@ def detect_layout(folder: Path) -> tuple[Path, str, ModelConfig]:
     if not config_path.exists():
         raise ConfigError(f"{folder} has no config.json: is it a gpt-oss model folder?")
     config = ModelConfig.from_file(config_path)
+    eos = _generation_eos(folder)
+    if eos and tuple(eos) != config.eos_token_ids:
+        import dataclasses
+        config = dataclasses.replace(config, eos_token_ids=tuple(eos))
     raw = json.loads(config_path.read_text())
     layout = HF if isinstance(raw, dict) and ("model_type" in raw or "num_local_experts" in raw) else ORIGINAL
     return folder, layout, config
@@ -222,6 +226,21 @@ def with_stored_expert_format(reader: CheckpointReader, layout: str, config: Mod
     float_key = checkpoint_key("blocks.0.mlp.experts.gate_up_proj", layout, config).key if layout == HF else None
     found = "float" if float_key is not None and float_key in reader else "mxfp4"
     return config if found == config.expert_format else dataclasses.replace(config, expert_format=found)
+
+
+def _generation_eos(folder: Path) -> list[int] | None:
+    """eos_token_id of generation_config.json (beside config.json or, for `original/`, above it)."""
+    for candidate in (folder / "generation_config.json", folder.parent / "generation_config.json"):
+        if candidate.exists():
+            try:
+                eos = json.loads(candidate.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+                raise ConfigError(f"{candidate} is not a valid generation config: {exc}") from None
+            eos = [eos] if isinstance(eos, int) else eos
+            if eos and all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+                return eos
+            return None
+    return None
 
 
 # -- writing --------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptoss.tokenizer import DEFAULT_EOS_IDS, ENDOFTEXT, RETURN
+
 
 class ConfigError(ValueError):
     """A config.json that gptoss cannot run; the message says which field and why."""
@@ -35,7 +37,7 @@ class ModelConfig:
     initial_context_length: int = 4096
     rope_ntk_beta: float = 32.0  # beta_fast
     rope_ntk_alpha: float = 1.0  # beta_slow
-    eos_token_ids: tuple[int, ...] = (200002, 199999, 200012)
+    eos_token_ids: tuple[int, ...] = DEFAULT_EOS_IDS  # the engine's stop ids (generation_config.json)
     # How the experts are stored: "mxfp4" (the published blocks and scales) or "float" (the
     # dequantized layout of fine-tunes and of gptoss's own training, no quantization_config).
     expert_format: str = "mxfp4"
@@ -224,8 +226,8 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "hidden_act": "silu",
             "tie_word_embeddings": False,
-            "eos_token_id": 200002 if self.vocab_size > 200002 else None,
-            "pad_token_id": 199999 if self.vocab_size > 199999 else None,
+            "eos_token_id": RETURN if self.vocab_size > RETURN else None,
+            "pad_token_id": ENDOFTEXT if self.vocab_size > ENDOFTEXT else None,
             "use_cache": True,
         }
         if self.expert_format == "mxfp4":

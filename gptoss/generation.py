@@ -87,7 +87,7 @@ class RequestOutput:
                 deltas[0].token_ids = [step.token_id]
                 deltas[0].logprobs = [step.logprob] if step.logprob is not None else []
         if step.finished or self.stopped:
-            self.usage.cached_tokens = step.seq.num_cached_prompt_tokens
+            self.usage.cached_tokens = step.cached_tokens
             self.finish_reason = "stop" if self.stopped else step.finish_reason
             deltas += self._flush()
         return deltas

@@ -33,8 +33,7 @@ from typing import Any, Union
 
 import torch
 
-# `<|return|>` ends a final answer, `<|call|>` ends a tool call (harmony format).
-HARMONY_STOP_TOKEN_IDS: tuple[int, ...] = (200002, 200012)
+from gptoss.tokenizer import ASSISTANT_STOP_IDS as HARMONY_STOP_TOKEN_IDS  # <|return|>, <|call|>
 
 MAX_TOP_LOGPROBS = 20
 

@@ -48,6 +48,22 @@ NAMED_SPECIAL_TOKENS = {
     "<|call|>": 200012,
 }
 
+# The ids the code refers to by name: rendering, parsing, sampling, the engine and the server all
+# take them from here.
+STARTOFTEXT = NAMED_SPECIAL_TOKENS["<|startoftext|>"]
+ENDOFTEXT = NAMED_SPECIAL_TOKENS["<|endoftext|>"]
+RETURN = NAMED_SPECIAL_TOKENS["<|return|>"]  # ends a final answer
+CONSTRAIN = NAMED_SPECIAL_TOKENS["<|constrain|>"]
+CHANNEL = NAMED_SPECIAL_TOKENS["<|channel|>"]
+START = NAMED_SPECIAL_TOKENS["<|start|>"]
+END = NAMED_SPECIAL_TOKENS["<|end|>"]
+MESSAGE = NAMED_SPECIAL_TOKENS["<|message|>"]
+CALL = NAMED_SPECIAL_TOKENS["<|call|>"]  # ends a tool call
+# openai-harmony's stop_tokens_for_assistant_actions(): an assistant turn ends with either.
+ASSISTANT_STOP_IDS = (RETURN, CALL)
+# generation_config.json's eos_token_id in the published checkpoints.
+DEFAULT_EOS_IDS = (RETURN, ENDOFTEXT, CALL)
+
 # The o200k pre-tokenizer pattern: the `pat_str` of tiktoken_ext.openai_public.o200k_base.
 # tiktoken builds it inside a function that also downloads the ranks, so it cannot be read from
 # there offline; tests check this copy against it.

@@ -8,10 +8,10 @@ tests against the real model live in test_server_e2e.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from openai_harmony import Message, Role  # noqa: E402
 
-from gptoss.engine.engine import RequestError, StepOutput, TokenLogprob  # noqa: E402
+from gptoss.engine.engine import EngineStats, RequestError, StepOutput, TokenLogprob  # noqa: E402
 from gptoss.engine.sequence import Sequence, Status  # noqa: E402
 from gptoss.server import create_app  # noqa: E402
 from gptoss.server.async_engine import AsyncEngine  # noqa: E402
@@ -74,9 +74,9 @@ class ScriptedEngine:
     def __init__(self, script: list[int], *, max_num_seqs: int = 4, context_length: int = 4096):
         self.script = list(script)
         self.filler = tiktoken_encoding().encode(" more")[0]
-        self.scheduler = SimpleNamespace(max_num_seqs=max_num_seqs)
+        self.max_num_seqs = max_num_seqs
         self.context_length = self.kv_cache_tokens = context_length
-        self.stats = {"last_batch_size": 0}
+        self.stats = EngineStats(max_num_seqs=max_num_seqs)
         self.running: dict[str, Sequence] = {}
         self.aborted: list[str] = []
         self.seen: set[tuple] = set()
@@ -103,17 +103,19 @@ class ScriptedEngine:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("simulated device failure")
-        batch = list(self.running.values())[: self.scheduler.max_num_seqs]
+        batch = list(self.running.values())[: self.max_num_seqs]
         outputs = []
         for seq in batch:
             i = len(seq.output_token_ids)
             token = self.script[i] if i < len(self.script) else self.filler
             seq.append_token(token)
             logprob = TokenLogprob(token, -0.25, [(token, -0.25), (self.filler, -2.0)]) if seq.params.logprobs else None
-            outputs.append(StepOutput(seq.request_id, token, seq.is_finished, seq.finish_reason, logprob, seq))
+            outputs.append(StepOutput(seq.request_id, token, seq.is_finished, seq.finish_reason, logprob,
+                                      len(seq.prompt_token_ids), seq.num_cached_prompt_tokens,
+                                      len(seq.output_token_ids)))
             if seq.is_finished:
                 del self.running[seq.request_id]
-        self.stats["last_batch_size"] = len(batch)
+        self.stats = dataclasses.replace(self.stats, last_batch_size=len(batch), kv_usage=self.kv_usage())
         return outputs
 
     def abort(self, request_id):
@@ -343,7 +345,7 @@ def test_validation_error_names_nested_fields():
 def test_over_capacity_requests_get_429_and_others_finish(client):
     engine = client.engine
     engine.step_delay = 0.02
-    limit = engine.scheduler.max_num_seqs + 2  # max_queue=2
+    limit = engine.max_num_seqs + 2  # max_queue=2
     statuses: list[int] = []
 
     def one():

@@ -13,7 +13,7 @@ from gptoss.engine.runner import ModelRunner
 from gptoss.engine.scheduler import Scheduler
 from gptoss.engine.sequence import Sequence
 from gptoss.model import Model
-from gptoss.sampling import HARMONY_STOP_TOKEN_IDS, SamplingParams
+from gptoss.sampling import SamplingParams
 
 BLOCK_SIZE = 16
 
@@ -29,16 +29,35 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepOutput:
-    """What one step produced for one request."""
+    """What one step produced for one request: plain values, safe to hand to another thread."""
 
     request_id: str
     token_id: int | None  # None when the request ended without a new token (aborted)
     finished: bool
     finish_reason: str | None
     logprob: TokenLogprob | None
-    seq: Sequence
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    output_tokens: int = 0  # generated so far, this token included
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's counters (totals since start, and the last step)."""
+
+    steps: int = 0
+    prompt_tokens: int = 0  # prompts of requests that produced their first token
+    generation_tokens: int = 0
+    batch_tokens: int = 0  # tokens the model computed (prefill chunks and decodes)
+    expert_rows: int = 0  # token rows the experts computed: equal to batch_tokens (nothing padded)
+    last_batch_size: int = 0
+    preemptions: int = 0
+    running: int = 0
+    waiting: int = 0
+    max_num_seqs: int = 0
+    kv_usage: float = 0.0
 
 
 def parse_size(text: str | int | None) -> tuple[str, int] | None:
@@ -83,12 +102,15 @@ class LLMEngine:
         self.kv_cache_bytes = num_full * full_bytes + num_sliding * sliding_bytes
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched_tokens)
         self.runner = ModelRunner(model, self.kv, seed)
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "batch_tokens": 0,
-                      "last_batch_size": 0, "preemptions": 0}
+        self.max_num_seqs = max_num_seqs
+        self._totals = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "batch_tokens": 0,
+                        "last_batch_size": 0}
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "",
-                    default_stop_ids=HARMONY_STOP_TOKEN_IDS) -> Sequence:
+                    default_stop_ids=None) -> Sequence:
+        """Queue a request; it stops at the model's eos ids (generation_config.json) unless
+        `default_stop_ids` or the params say otherwise."""
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -101,7 +123,8 @@ class LLMEngine:
                                "tokens per request (context length and KV cache size)")
         max_tokens = min(params.max_tokens or room, room)
         seq = Sequence(list(prompt_token_ids), params, request_id=request_id,
-                       stop_token_ids=params.stop_token_set(default_stop_ids), max_tokens=max_tokens)
+                       stop_token_ids=params.stop_token_set(self.model.config.eos_token_ids if default_stop_ids is None
+                                                            else default_stop_ids), max_tokens=max_tokens)
         self.scheduler.add(seq)
         return seq
 
@@ -119,10 +142,10 @@ class LLMEngine:
         sampled = self.runner.run(batch)
         tokens = {key: token for key, (token, _, _) in sampled.items()}
         self.scheduler.finish_step(batch, tokens)
-        self.stats["steps"] += 1
-        self.stats["batch_tokens"] += sum(item.num_tokens for item in batch)
-        self.stats["last_batch_size"] = len(batch)
-        self.stats["preemptions"] = self.scheduler.num_preemptions
+        totals = self._totals
+        totals["steps"] += 1
+        totals["batch_tokens"] += sum(item.num_tokens for item in batch)
+        totals["last_batch_size"] = len(batch)
         outputs = []
         for item in batch:
             seq = item.seq
@@ -132,11 +155,20 @@ class LLMEngine:
             logprob = None
             if seq.params.logprobs and sample.logprobs is not None:
                 logprob = TokenLogprob(token, float(sample.logprobs[row]), sample.top_logprobs_of(row))
-            self.stats["generation_tokens"] += 1
+            totals["generation_tokens"] += 1
             if len(seq.output_token_ids) == 1:
-                self.stats["prompt_tokens"] += len(seq.prompt_token_ids)
-            outputs.append(StepOutput(seq.request_id, token, seq.is_finished, seq.finish_reason, logprob, seq))
+                totals["prompt_tokens"] += len(seq.prompt_token_ids)
+            outputs.append(StepOutput(seq.request_id, token, seq.is_finished, seq.finish_reason, logprob,
+                                      len(seq.prompt_token_ids), seq.num_cached_prompt_tokens,
+                                      len(seq.output_token_ids)))
         return outputs
+
+    @property
+    def stats(self) -> EngineStats:
+        return EngineStats(**self._totals, expert_rows=self.runner.expert_rows,
+                           preemptions=self.scheduler.num_preemptions, running=len(self.scheduler.running),
+                           waiting=len(self.scheduler.waiting), max_num_seqs=self.max_num_seqs,
+                           kv_usage=self.kv_usage())
 
     def kv_usage(self) -> float:
         return self.kv.usage()

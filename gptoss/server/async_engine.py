@@ -76,7 +76,7 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, engine, *, max_queue: int = 64, metrics: ServerMetrics | None = None):
         self.engine = engine
-        self.max_num_seqs = engine.scheduler.max_num_seqs
+        self.max_num_seqs = engine.max_num_seqs
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
         self.context_length = engine.context_length
@@ -283,11 +283,11 @@ class AsyncEngine:
     def _record(self, outputs: list[StepOutput]) -> None:
         m, stats = self.metrics, self.engine.stats
         m.steps.inc()
-        m.batch_size.set(stats.get("last_batch_size", 0))
-        m.batch_sizes.observe(stats.get("last_batch_size", 0))
-        m.kv_usage.set(self.engine.kv_usage())
+        m.batch_size.set(stats.last_batch_size)
+        m.batch_sizes.observe(stats.last_batch_size)
+        m.kv_usage.set(stats.kv_usage)
         m.generation_tokens.inc(len(outputs))
         for out in outputs:
-            if len(out.seq.output_token_ids) == 1:
-                m.prompt_tokens.inc(len(out.seq.prompt_token_ids))
-                m.cached_tokens.inc(out.seq.num_cached_prompt_tokens)
+            if out.output_tokens == 1:
+                m.prompt_tokens.inc(out.prompt_tokens)
+                m.cached_tokens.inc(out.cached_tokens)

@@ -22,9 +22,10 @@ from typing import Callable
 from gptoss.engine.engine import StepOutput, TokenLogprob
 from gptoss.generation import Delta, RequestOutput, Result
 from gptoss.sampling import SamplingParams
+from gptoss.tokenizer import CALL, END, RETURN, START
 
-# <|return|>, <|start|>, <|end|>, <|call|>: a harmony message ends or begins around these.
-MESSAGE_BOUNDARY_TOKENS = frozenset({200002, 200006, 200007, 200012})
+# A harmony message ends or begins around these.
+MESSAGE_BOUNDARY_TOKENS = frozenset({RETURN, START, END, CALL})
 FUNCTIONS_PREFIX = "functions."
 
 
