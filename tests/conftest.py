@@ -10,6 +10,19 @@ if "TIKTOKEN_ENCODINGS_BASE" not in os.environ and (_SHARED_VOCAB / "o200k_base.
 
 SHARED_VOCAB = _SHARED_VOCAB
 
+# In CI a kernel build failure must fail the run, not turn the kernel tests into skips.
+if os.environ.get("CI"):
+    os.environ.setdefault("GPTOSS_REQUIRE_KERNELS", "1")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which CPU kernel paths this machine ran (the others' tests are skipped)."""
+    from gptoss.ops import cpu
+
+    if cpu._ext is not None:
+        terminalreporter.write_line(f"gptoss CPU kernels: paths run here {cpu.supported_isas()}, "
+                                    f"default {cpu.isa()}")
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):

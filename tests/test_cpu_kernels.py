@@ -84,6 +84,10 @@ def test_build_failure_falls_back_to_reference(tmp_path):
     )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), GPTOSS_CACHE=str(tmp_path / "cache"))
     env.pop("GPTOSS_CPU_ISA", None)
+    env.pop("GPTOSS_REQUIRE_KERNELS", None)
+    required = subprocess.run([sys.executable, "-c", code], env={**env, "GPTOSS_REQUIRE_KERNELS": "1"},
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert required.returncode != 0 and "GPTOSS_REQUIRE_KERNELS is set" in required.stderr
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

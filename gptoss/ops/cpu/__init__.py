@@ -6,7 +6,8 @@ version, and loaded from there afterwards. It picks an instruction set at run ti
 avx512bf16 > avx512 > avx2 > scalar; `GPTOSS_CPU_ISA` (or `set_isa`) forces one.
 
 If the build fails (no compiler, no ninja), one warning is logged and every function here falls
-back to its plain-torch twin in `gptoss.ops.reference`. Each function also falls back for inputs
+back to its plain-torch twin in `gptoss.ops.reference`; with `GPTOSS_REQUIRE_KERNELS=1` (set by
+the test suite under CI) the failure is an error instead. Each function also falls back for inputs
 it does not handle (non-CPU tensors, dtypes other than float32/bfloat16, autograd).
 """
 
@@ -89,6 +90,9 @@ def _load():
         except Exception as e:  # no compiler, no ninja, a compile error: keep working without
             lines = [line for line in str(e).strip().splitlines() if line.strip()]
             _error = f"{type(e).__name__}: {lines[-1] if lines else e}"
+            if os.environ.get("GPTOSS_REQUIRE_KERNELS", "").strip() not in ("", "0"):
+                raise RuntimeError(f"GPTOSS_REQUIRE_KERNELS is set and the gptoss CPU kernels are "
+                                   f"unavailable: {_error}") from e
             log.warning("gptoss CPU kernels unavailable (%s); using the plain-torch reference", _error)
     return _ext
 
