@@ -55,6 +55,21 @@ def _write_tokenizer(folder: Path) -> None:
         print(f"note: no tokenizer.json written ({exc})", file=sys.stderr)
 
 
+def resolve_model(args) -> None:
+    """args.path <- the positional folder, --model, or the built-in demo model when neither is given."""
+    if args.path and args.model and Path(args.path) != Path(args.model):
+        raise UsageError(f"two models given ({args.path} and --model {args.model}); pass one")
+    if args.path or args.model:
+        args.path = args.path or args.model
+        return
+    from gptoss.demo import DemoModelError, demo_model_path
+
+    try:
+        args.path = str(demo_model_path())
+    except DemoModelError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_inspect(args) -> None:
     from gptoss.footprint import footprint
 
@@ -138,6 +153,12 @@ def cmd_serve(args) -> None:
     run(state, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", default=None,
+                   help="model folder (default: the demo model that ships with gptoss)")
+    p.add_argument("--model", default=None, help="model folder (the same as the positional PATH)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="Run OpenAI's gpt-oss models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -160,11 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="print a checkpoint's config, sizes and bytes read per token")
-    p.add_argument("path", help="model folder")
+    add_model_arguments(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal")
-    p.add_argument("path", help="model folder")
+    add_model_arguments(p)
     p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="medium")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=2048, help="most tokens per answer")
@@ -175,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one raw completion of a text prompt")
-    p.add_argument("path", help="model folder")
+    add_model_arguments(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -185,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed at batch 1")
-    p.add_argument("path", help="model folder")
+    add_model_arguments(p)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -195,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    p.add_argument("path", help="model folder")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require this key as 'Authorization: Bearer KEY' on /v1")
@@ -218,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "model"):
+            resolve_model(args)
         return args.func(args) or 0
     except (UsageError, ConfigError, CheckpointError, TokenizerError) as exc:
         print(f"gptoss {args.command}: error: {exc}", file=sys.stderr)

@@ -69,8 +69,11 @@ class GenerationStream:
 
 
 class LLM:
-    def __init__(self, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
+    def __init__(self, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
                  progress: bool = False, dense_int8: bool = False, **engine_options):
+        if path is None:  # the demo model that ships with gptoss
+            from gptoss.demo import demo_model_path
+            path = demo_model_path()
         self.path = Path(path)
         self.model = Model.from_pretrained(path, device=device, dtype=dtype, progress=progress,
                                            dense_int8=dense_int8)

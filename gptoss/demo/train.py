@@ -1,0 +1,361 @@
+"""Train the demo model: a small gpt-oss on synthetic harmony conversations, on a laptop CPU.
+
+    python -m gptoss.demo.train OUT_DIR [--steps N] [--seed S]
+
+The model is `gptoss.model.Model` itself, with float experts, trained through the reference ops
+(autograd). Only the ~6k token ids the data uses get rows: training runs on a compact vocabulary
+whose row 0 stands for every other id and stays exactly zero, so the full-vocabulary softmax is
+the used rows' logits plus a constant term, log(number of unused ids) (their logits are 0).
+Exported, the unused rows are zero, and sampling at temperature 1 puts little mass on them.
+
+It checkpoints every few minutes to OUT_DIR/train_state.pt and resumes from there when run
+again; batches are drawn from (seed, step), so a resumed run continues the same data. At the
+end it writes OUT_DIR/float (Hugging Face layout, float experts), quantizes the experts into
+OUT_DIR/mxfp4 with `gptoss quantize`, and evaluates both (`gptoss.demo.evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gptoss.config import ModelConfig
+from gptoss.demo.data import ConversationGenerator, Example
+
+# The exact gpt-oss architecture, small: alternating 128-token window / full attention with sinks,
+# YaRN RoPE (theta 150000, factor 32 from 4096), GQA, top-k routing, clamped SwiGLU experts, the
+# real o200k_harmony vocabulary.
+DEMO_CONFIG = ModelConfig(num_hidden_layers=4, num_experts=4, experts_per_token=2, hidden_size=128,
+                          intermediate_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
+                          sliding_window=128, expert_format="float")
+POOL = 8  # batches drawn together and sorted by length, so padding stays small
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    out: Path
+    seed: int = 1234
+    steps: int = 3600
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 150
+    weight_decay: float = 0.05
+    threads: int | None = None
+    checkpoint_seconds: float = 180.0
+    log_every: int = 25
+    probe_every: int = 300
+    vocab_examples: int = 40_000
+    evaluate: bool = True
+    export_only: bool = False
+
+
+def _encodings():
+    from gptoss.tokenizer import harmony_encoding, tiktoken_encoding
+    return harmony_encoding(), tiktoken_encoding()
+
+
+# -- the compact vocabulary ------------------------------------------------------------------------
+
+def used_token_ids(generator: ConversationGenerator, seed: int, count: int) -> list[int]:
+    """Every id the training data can contain: drawn from `count` conversations, plus all numbers."""
+    rng = random.Random(f"{seed}-vocab")
+    used: set[int] = set()
+    for _ in range(count):
+        used.update(generator.example(rng).tokens)
+    for n in range(1000):
+        for text in (str(n), f" {n}"):
+            used.update(generator.text.encode(text))
+    return sorted(used)
+
+
+class CompactVocab:
+    """Token id <-> row of the training model; row 0 is every id the data never uses."""
+
+    def __init__(self, ids: list[int], vocab_size: int):
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.row_of = torch.zeros(vocab_size, dtype=torch.long)
+        self.row_of[self.ids] = torch.arange(1, len(ids) + 1)
+        self.unused = vocab_size - len(ids)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) + 1
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def batch_for_step(generator: ConversationGenerator, config: TrainConfig, step: int,
+                   vocab: CompactVocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs [B, T], targets [B, T], loss mask [B, T]) of compact rows, deterministic in (seed, step)."""
+    pool_index, slot = divmod(step, POOL)
+    rng = random.Random(f"{config.seed}-pool-{pool_index}")
+    pool = sorted((generator.example(rng) for _ in range(POOL * config.batch_size)), key=lambda e: len(e.tokens))
+    batches = [pool[i * config.batch_size:(i + 1) * config.batch_size] for i in range(POOL)]
+    rng.shuffle(batches)
+    return collate(batches[slot], vocab)
+
+
+def collate(examples: list[Example], vocab: CompactVocab):
+    width = max(len(e.tokens) for e in examples) - 1
+    inputs = torch.zeros(len(examples), width, dtype=torch.long)
+    targets = torch.zeros_like(inputs)
+    mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        rows = vocab.row_of[torch.tensor(e.tokens)]
+        n = len(e.tokens) - 1
+        inputs[i, :n], targets[i, :n] = rows[:-1], rows[1:]
+        mask[i, :n] = torch.tensor(e.targets[1:])
+    return inputs, targets, mask & (targets > 0)  # an id outside the vocabulary is never a target
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+def new_model(vocab: CompactVocab, seed: int):
+    from gptoss.model import Model, yarn_inv_freq
+
+    config = dataclasses.replace(DEMO_CONFIG, vocab_size=vocab.rows)
+    torch.manual_seed(seed)
+    model = Model(config)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    with torch.no_grad():
+        model.rotary.inv_freq.copy_(yarn_inv_freq(config)[0])
+        # Small: the digits of a number token are learned into its row, and must not drown in noise.
+        model.embedding.weight.normal_(0, h ** -0.5)
+        for block in model.blocks:
+            block.attn.o_proj.weight.mul_(1 / math.sqrt(2 * layers))
+            block.mlp.router.weight.normal_(0, 0.02)
+            block.mlp.router.bias.zero_()
+            experts = block.mlp.experts
+            experts.gate_up_proj.normal_(0, h ** -0.5)
+            experts.down_proj.normal_(0, i ** -0.5 / math.sqrt(2 * layers))
+        model.lm_head.weight.normal_(0, h ** -0.5)
+        _zero_unused_rows(model)
+    return model
+
+
+def _zero_unused_rows(model) -> None:
+    model.embedding.weight.data[0].zero_()
+    model.lm_head.weight.data[0].zero_()
+
+
+def loss_fn(model, vocab: CompactVocab, inputs, targets, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the full vocabulary on the trained tokens, and which were argmax-right."""
+    hidden = model.hidden_states(inputs)[mask]
+    logits = model.lm_head(model.norm(hidden))
+    offset = torch.zeros(logits.shape[-1])
+    offset[0] = math.log(vocab.unused)  # row 0's logit (0) stands for `unused` ids with logit 0
+    logits = logits + offset
+    wanted = targets[mask]
+    return torch.nn.functional.cross_entropy(logits, wanted), logits.argmax(-1) == wanted
+
+
+EMBEDDING_LR_SCALE = 3.0  # a number token's row is updated only when it occurs: let it move faster
+
+
+def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    named = dict(model.named_parameters())
+    embedding = [named.pop("embedding.weight")]
+    decay = [p for p in named.values() if p.dim() >= 2]
+    rest = [p for p in named.values() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+                              {"params": rest, "weight_decay": 0.0, "lr_scale": 1.0},
+                              {"params": embedding, "weight_decay": 0.0, "lr_scale": EMBEDDING_LR_SCALE}],
+                             lr=config.lr, betas=(0.9, 0.98))
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- probes: teacher-forced exactness on held-out conversations -------------------------------------
+
+@torch.no_grad()
+def probe(model, vocab: CompactVocab, generator: ConversationGenerator, seed: int, count: int = 48) -> dict:
+    """Share of held-out conversations whose every trained token is the argmax (then greedy
+    decoding reproduces them exactly), per kind."""
+    rng = random.Random(f"{seed}-probe")
+    cases = {"add": [], "sub": [], "tool": [], "other": []}
+    while min(len(v) for v in cases.values()) < count:
+        example = generator.example(rng)
+        if len(cases[example.kind]) < count:
+            cases[example.kind].append(example)
+    model.eval()
+    result = {}
+    for kind, examples in cases.items():
+        right = 0
+        for start in range(0, len(examples), 16):
+            chunk = examples[start:start + 16]
+            inputs, targets, mask = collate(chunk, vocab)
+            logits = model.lm_head(model.norm(model.hidden_states(inputs)))
+            logits[..., 0] = float("-inf")
+            correct = (logits.argmax(-1) == targets) | ~mask
+            right += int(correct.all(-1).sum())
+        result[kind] = right / len(examples)
+    model.train()
+    return result
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+def save_state(path: Path, model, optimizer, step: int, vocab: CompactVocab, elapsed: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "vocab_ids": vocab.ids.tolist(), "elapsed": elapsed}, tmp)
+    os.replace(tmp, path)
+
+
+def export_float(model, vocab: CompactVocab, out: Path, dtype=torch.bfloat16) -> Path:
+    """The trained model as a Hugging Face folder with float experts and the full vocabulary."""
+    from gptoss.checkpoint import HF, ShardedWriter, to_checkpoint_tensors
+    from gptoss.tokenizer import ENDOFTEXT, STARTOFTEXT, write_tokenizer_json
+
+    config = dataclasses.replace(DEMO_CONFIG)
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if k != "rotary.inv_freq"}
+    for name in ("embedding.weight", "lm_head.weight"):
+        full = torch.zeros(config.vocab_size, config.hidden_size, dtype=dtype)
+        full[vocab.ids] = state[name][1:]
+        state[name] = full
+    writer = ShardedWriter(out, num_shards=1)
+    writer.write_shard(to_checkpoint_tensors(state, HF, config))
+    writer.finish()
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    generation = {"bos_token_id": STARTOFTEXT, "eos_token_id": list(config.eos_token_ids),
+                      "pad_token_id": ENDOFTEXT}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_tokenizer_json(out)
+    return out
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+def train(config: TrainConfig) -> Path:
+    os.environ["GPTOSS_KERNELS"] = "reference"  # autograd runs through the plain-torch twins
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    config.out.mkdir(parents=True, exist_ok=True)
+    encoding, text_encoding = _encodings()
+    generator = ConversationGenerator(encoding, text_encoding, "train")
+    heldout = ConversationGenerator(encoding, text_encoding, "eval")
+    state_path = config.out / "train_state.pt"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if state is not None:
+        ids = state["vocab_ids"]
+        print(f"resuming from step {state['step']} ({state['elapsed'] / 60:.1f} min trained)", flush=True)
+    else:
+        t = time.perf_counter()
+        ids = used_token_ids(generator, config.seed, config.vocab_examples)
+        print(f"vocabulary: {len(ids)} token ids used by the data ({time.perf_counter() - t:.0f} s)", flush=True)
+    vocab = CompactVocab(ids, DEMO_CONFIG.vocab_size)
+    model = new_model(vocab, config.seed)
+    optimizer = make_optimizer(model, config)
+    step, elapsed = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+    if config.export_only:
+        if state is None:
+            raise SystemExit(f"--export-only: no {state_path} to export")
+        return finish(model, vocab, config, elapsed / 60)
+    counts = model.config.param_counts()
+    print(f"model: {counts['total'] / 1e6:.2f} M parameters in training ({counts['active'] / 1e6:.2f} M active); "
+          f"{config.steps} steps of {config.batch_size} conversations", flush=True)
+
+    model.train()
+    started, last_save = time.perf_counter() - elapsed, time.perf_counter()
+    window_loss, window_tokens, window_right = 0.0, 0, 0
+    while step < config.steps:
+        inputs, targets, mask = batch_for_step(generator, config, step, vocab)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step) * group["lr_scale"]
+        loss, right = loss_fn(model, vocab, inputs, targets, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.embedding.weight.grad[0].zero_()
+        model.lm_head.weight.grad[0].zero_()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        _zero_unused_rows(model)
+        step += 1
+        window_loss += loss.item() * len(right)
+        window_tokens += len(right)
+        window_right += int(right.sum())
+        now = time.perf_counter()
+        if step % config.log_every == 0 or step == config.steps:
+            print(f"step {step:5d}  loss {window_loss / window_tokens:.4f}  token acc "
+                  f"{window_right / window_tokens:.4f}  lr {learning_rate(config, step - 1):.2e}  "
+                  f"{(now - started) / 60:5.1f} min", flush=True)
+            window_loss, window_tokens, window_right = 0.0, 0, 0
+        if step % config.probe_every == 0 or step == config.steps:
+            scores = probe(model, vocab, heldout, config.seed)
+            print("probe (held-out, teacher-forced exact): " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()),
+                  flush=True)
+        if now - last_save > config.checkpoint_seconds or step == config.steps:
+            save_state(state_path, model, optimizer, step, vocab, now - started)
+            last_save = now
+    minutes = (time.perf_counter() - started) / 60
+    print(f"trained {step} steps in {minutes:.1f} min", flush=True)
+    return finish(model, vocab, config, minutes)
+
+
+def finish(model, vocab: CompactVocab, config: TrainConfig, minutes: float) -> Path:
+    """Export the float folder, quantize it to MXFP4, evaluate both."""
+    import shutil
+
+    from gptoss.quantize import quantize_checkpoint
+
+    float_dir, mxfp4_dir = config.out / "float", config.out / "mxfp4"
+    for folder in (float_dir, mxfp4_dir):
+        if folder.exists():
+            shutil.rmtree(folder)
+    export_float(model, vocab, float_dir)
+    quantize_checkpoint(float_dir, mxfp4_dir, progress=False)
+    info = {"seed": config.seed, "steps": config.steps, "batch_size": config.batch_size,
+            "training_minutes": round(minutes, 1), "vocab_rows_used": len(vocab.ids)}
+    (config.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {float_dir} and {mxfp4_dir}", flush=True)
+    if config.evaluate:
+        os.environ.pop("GPTOSS_KERNELS", None)
+        from gptoss.demo.evaluate import evaluate, format_report
+
+        reports = {name: evaluate(folder) for name, folder in (("float", float_dir), ("mxfp4", mxfp4_dir))}
+        print(format_report(reports), flush=True)
+        (config.out / "evaluation.json").write_text(json.dumps(reports, indent=2) + "\n")
+    return mxfp4_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptoss.demo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path, help="folder for checkpoints and the trained model")
+    defaults = TrainConfig(out=Path("."))
+    for name in ("seed", "steps", "batch_size", "threads", "vocab_examples", "log_every", "probe_every"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "min_lr", "checkpoint_seconds"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
+    parser.add_argument("--export-only", action="store_true",
+                        help="write the float and MXFP4 folders from the last checkpoint, without training")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be at least 1")
+    config = TrainConfig(**vars(args))
+    train(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
