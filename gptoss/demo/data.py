@@ -83,6 +83,21 @@ def arithmetic_reasoning(a: int, b: int, op: str) -> tuple[str, str]:
     return "\n".join(lines), f"{a} {op} {b} = {value}."
 
 
+def drill_example(text_encoding, rng: random.Random, lines: int = 32) -> "Example":
+    """Plain text that spells number tokens as digits and back ("482 is 4 8 2", "4 8 2 is 482"):
+    the lookups arithmetic needs, many to a sequence instead of two per problem. Only the
+    predictable tokens are trained (the digits of a given number, the number of given digits)."""
+    tokens, targets = [], []
+    for _ in range(lines):
+        n = rng.randint(0, 999)
+        forward = rng.random() < 0.5
+        head, tail = (str(n), " is " + _digits(n)) if forward else (_digits(n), " is " + str(n))
+        head_ids, tail_ids = text_encoding.encode(head), text_encoding.encode(tail + "\n")
+        tokens += head_ids + tail_ids
+        targets += [False] * len(head_ids) + [True] * len(tail_ids)
+    return Example(tokens, targets, "drill")
+
+
 # -- tools ---------------------------------------------------------------------------------------
 
 CITIES = ("Lisbon", "Paris", "Tokyo", "Berlin", "Madrid", "Rome", "London", "Oslo", "Cairo", "Lima", "Dublin",
