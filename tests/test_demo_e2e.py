@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from types import SimpleNamespace
 
 import pytest
+from serving import serving
 
 from gptoss.demo import ARCHIVE
 from gptoss.demo.data import REFUSAL, TOOLS, tool_schema
@@ -54,12 +51,6 @@ CONVERT = SimpleNamespace(question="Convert 12 miles to km",
                           result='{"value": 19.31}', expected=("19.31",))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = os.environ.get("GPTOSS_DEMO_E2E_MODEL")
@@ -69,35 +60,10 @@ def server(tmp_path_factory):
         source = []  # no path: `gptoss serve` serves the demo model, named gpt-oss-demo
     else:
         pytest.skip(f"this install has no demo model ({ARCHIVE.name}); set GPTOSS_DEMO_E2E_MODEL to a model folder")
-    port = free_port()
     log_path = tmp_path_factory.mktemp("demo-serve") / "server.log"
-    command = [sys.executable, "-m", "gptoss.cli", "serve", *source, "--port", str(port), "--api-key", KEY,
-               "--kv-cache-size", "16384", "--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not become ready in {STARTUP_TIMEOUT}s:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield SimpleNamespace(url=url, proc=proc, log=log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+    with serving([*source, "--api-key", KEY, "--kv-cache-size", "16384", "--log-level", "warning"], log_path,
+                 STARTUP_TIMEOUT) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from types import SimpleNamespace
 
 import pytest
+from serving import serving
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -31,12 +27,6 @@ WEATHER_TOOL = {"type": "function", "function": {
 USER = [{"role": "user", "content": "Hello! What is two plus two?"}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from gptoss.cli import main
@@ -45,36 +35,10 @@ def server(tmp_path_factory):
     checkpoint = folder / "model"
     assert main(["synth", str(checkpoint), "--preset", "tiny"]) == 0
     assert (checkpoint / "tokenizer.json").exists()
-    port = free_port()
-    log_path = folder / "server.log"
-    command = [sys.executable, "-m", "gptoss.cli", "serve", str(checkpoint), "--port", str(port),
-               "--served-model-name", MODEL, "--api-key", KEY, "--max-num-seqs", "32", "--max-queue", "64",
-               "--kv-cache-size", "16384", "--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"the server did not become ready in {STARTUP_TIMEOUT}s:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield SimpleNamespace(url=url, proc=proc, log=log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()
+    arguments = [str(checkpoint), "--served-model-name", MODEL, "--api-key", KEY, "--max-num-seqs", "32",
+                 "--max-queue", "64", "--kv-cache-size", "16384", "--log-level", "warning"]
+    with serving(arguments, folder / "server.log", STARTUP_TIMEOUT) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
