@@ -6,8 +6,14 @@
     options: --concurrency 1 8 32  --requests-per-client 2  --prompt-tokens 128  --max-tokens 64
              --endpoint completions|chat  --json
 
+    python benchmarks/serve_load.py MODEL_PATH --mix --baseline 4aee2a4   # before/after, same run
+
 Each client sends its requests one after another, streaming, with `ignore_eos` so every request
-generates exactly --max-tokens tokens. Prompts are random token ids (different per request, so
+generates exactly its output length: --max-tokens, or with --mix a chat-like workload where each
+request draws its prompt length log-uniformly from 16..1024 tokens and its output from 16..256
+(the same draws for every level and for the baseline). --baseline GIT_REF also starts a server
+from that commit (a git worktree) and runs the same load against it, one server at a time, then
+prints both tables and the ratio of output tokens/s. Prompts are random token ids (different per request, so
 the prefix cache does not shortcut the prefill). The default endpoint is /v1/completions, where
 every token arrives as its own chunk; with /v1/chat/completions a random-weight model's harmony
 headers produce no chunks, which blurs TTFT and ITL.
@@ -23,11 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -76,14 +84,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: str, args) -> tuple[subprocess.Popen, str, str]:
+def baseline_checkout(ref: str) -> str:
+    """A git worktree of `ref` beside the system temp folder (reused if present)."""
+    root = os.path.join(tempfile.gettempdir(), f"gptoss-baseline-{ref}")
+    if not os.path.isdir(root):
+        subprocess.run(["git", "worktree", "add", "--detach", root, ref], check=True, capture_output=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    return root
+
+
+def start_server(path: str, args, code: str | None = None) -> tuple[subprocess.Popen, str, str]:
+    """`gptoss serve` on a free port, from this checkout or from the folder `code`."""
     port = free_port()
     name = "bench"
     command = [sys.executable, "-m", "gptoss.cli", "serve", path, "--port", str(port), "--served-model-name", name,
                "--max-num-seqs", str(max(args.concurrency)), "--log-level", "warning"]
     if args.kv_cache_size:
         command += ["--kv-cache-size", args.kv_cache_size]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
+    env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = code
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=code)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -99,9 +120,18 @@ def start_server(path: str, args) -> tuple[subprocess.Popen, str, str]:
     raise SystemExit("the server did not become ready in 600 s")
 
 
+def request_shape(args, rng: random.Random) -> tuple[int, int]:
+    """(prompt tokens, output tokens) of one request."""
+    if not args.mix:
+        return args.prompt_tokens, args.max_tokens
+    return round(math.exp(rng.uniform(math.log(16), math.log(1024)))), round(math.exp(rng.uniform(math.log(16),
+                                                                                                  math.log(256))))
+
+
 async def one_request(client: httpx.AsyncClient, args, model: str, rng: random.Random) -> RequestStats:
-    prompt = [rng.randrange(1000, 150000) for _ in range(args.prompt_tokens)]
-    body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens,
+    prompt_tokens, max_tokens = request_shape(args, rng)
+    prompt = [rng.randrange(1000, 150000) for _ in range(prompt_tokens)]
+    body = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
             "ignore_eos": True, "temperature": 1.0}
     if args.endpoint == "chat":
         text = " ".join(str(t) for t in prompt)
@@ -159,9 +189,10 @@ async def run_level(url: str, model: str, clients: int, args, seed: int) -> Leve
 
 
 def format_table(results: list[LevelResult], args) -> str:
+    shape = ("prompts 16-1024 tokens, outputs 16-256 (log-uniform)" if args.mix
+             else f"prompt {args.prompt_tokens} tokens, output {args.max_tokens} tokens")
     lines = [f"endpoint /v1/{'chat/completions' if args.endpoint == 'chat' else 'completions'}, "
-             f"prompt {args.prompt_tokens} tokens, output {args.max_tokens} tokens, "
-             f"{args.requests_per_client} requests per client",
+             f"{shape}, {args.requests_per_client} requests per client",
              f"{'clients':>7} {'reqs':>5} {'err':>4} {'out tok/s':>10} {'req/s':>7}   "
              f"{'TTFT ms p50 / p90 / p99':>26}   {'ITL ms p50 / p90 / p99':>24}"]
     for r in results:
@@ -183,6 +214,9 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--mix", action="store_true", help="chat-like mix of prompt and output lengths")
+    parser.add_argument("--baseline", default=None, metavar="GIT_REF",
+                        help="also measure a server started from this commit, in the same run")
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--kv-cache-size", default=None, help="for the server this script starts")
     parser.add_argument("--timeout", type=float, default=600)
@@ -193,24 +227,41 @@ def main() -> int:
         parser.error("give a model folder or --url")
     args.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
-    proc = None
     if args.url:
+        if args.baseline:
+            parser.error("--baseline starts its own servers: give a model folder, not --url")
         url = args.url.rstrip("/")
         model = args.model or httpx.get(url + "/v1/models", headers=args.headers).json()["data"][0]["id"]
+        runs = {"": measure(url, model, args)}
     else:
-        proc, url, model = start_server(args.path, args)
+        runs = {}
+        if args.baseline:
+            runs[f"baseline {args.baseline}"] = serve_and_measure(args, baseline_checkout(args.baseline))
+        runs["this checkout" if args.baseline else ""] = serve_and_measure(args, None)
+    for label, results in runs.items():
+        if args.json:
+            for r in results:
+                print(json.dumps({"server": label or "this checkout", **r.as_dict()}))
+        else:
+            print(f"\n{label}" if label else "", format_table(results, args), sep="\n" if label else "")
+    if args.baseline and not args.json:
+        before, after = runs.values()
+        print("\noutput tokens/s, this checkout / baseline: " + ", ".join(
+            f"{a.clients} clients {(a.tokens / a.wall) / (b.tokens / b.wall):.2f}x" for b, a in zip(before, after)))
+    return 1 if any(r.errors for results in runs.values() for r in results) else 0
+
+
+def measure(url: str, model: str, args) -> list[LevelResult]:
+    return [asyncio.run(run_level(url, model, c, args, seed=args.seed + c)) for c in args.concurrency]
+
+
+def serve_and_measure(args, code: str | None) -> list[LevelResult]:
+    proc, url, model = start_server(os.path.abspath(args.path), args, code)
     try:
-        results = [asyncio.run(run_level(url, model, c, args, seed=args.seed + c)) for c in args.concurrency]
+        return measure(url, model, args)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-    if args.json:
-        for r in results:
-            print(json.dumps(r.as_dict()))
-    else:
-        print(format_table(results, args))
-    return 1 if any(r.errors for r in results) else 0
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 if __name__ == "__main__":
