@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import torch
 
 from gptoss.config import ConfigError, ModelConfig
+from gptoss.tokenizer import ENDOFTEXT, STARTOFTEXT
 
 
 class CheckpointError(ValueError):
@@ -244,6 +245,12 @@ def _generation_eos(folder: Path) -> list[int] | None:
 
 
 # -- writing --------------------------------------------------------------------------------
+
+def write_generation_config(folder: Path, config: ModelConfig) -> None:
+    """generation_config.json as the published checkpoints have it (the engine's stop ids)."""
+    generation = {"bos_token_id": STARTOFTEXT, "eos_token_id": list(config.eos_token_ids), "pad_token_id": ENDOFTEXT}
+    (Path(folder) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
 
 def to_checkpoint_tensors(named: dict[str, torch.Tensor], layout: str, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Model parameter names -> checkpoint keys, fusing q/k/v for the original layout."""

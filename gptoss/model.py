@@ -197,20 +197,15 @@ class Model(nn.Module):
         return self.embedding.weight.device
 
     def forward(self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
-                last_only: bool = False, logit_index: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V].
 
         With a cache (KVCache, or the engine's paged one), the tokens continue each row's sequence
-        and their keys/values are stored. `last_only` or `logit_index` [B] (one position per row)
-        computes the lm_head for one position per row: logits [B, 1, V].
+        and their keys/values are stored. `last_only` computes the lm_head for the last position
+        of each row: logits [B, 1, V]. (The engine's flat steps use `forward_batch`.)
         """
-        b = input_ids.shape[0]
         x = self.hidden_states(input_ids, cache, positions)
-        if last_only:
-            x = x[:, -1:]
-        elif logit_index is not None:
-            x = x[torch.arange(b, device=x.device), logit_index][:, None]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
 
     def forward_batch(self, batch, cache) -> torch.Tensor:
         """One engine step (`gptoss.engine.batch.ForwardBatch`): the N tokens run as N rows of one

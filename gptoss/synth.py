@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from gptoss import mxfp4
-from gptoss.checkpoint import HF, LAYOUTS, ORIGINAL, ShardedWriter, to_checkpoint_tensors
+from gptoss.checkpoint import HF, LAYOUTS, ORIGINAL, ShardedWriter, to_checkpoint_tensors, write_generation_config
 from gptoss.config import ModelConfig
-from gptoss.tokenizer import ENDOFTEXT, STARTOFTEXT
 
 # RMS of a uniformly random E2M1 code: sqrt(mean(v^2)) over the 16 values.
 _E2M1_RMS = math.sqrt(sum(v * v for v in mxfp4.E2M1_VALUES) / 16)
@@ -105,9 +104,7 @@ def write_random_checkpoint(out: str | Path, config: ModelConfig, seed: int = 0,
     config_dict = config.to_hf_dict() if layout == HF else config.to_original_dict()
     (out / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     if layout == HF:
-        generation = {"bos_token_id": STARTOFTEXT, "eos_token_id": list(config.eos_token_ids),
-                      "pad_token_id": ENDOFTEXT}
-        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_generation_config(out, config)
     return out
 
 

@@ -231,8 +231,8 @@ def save_state(path: Path, model, optimizer, step: int, vocab: CompactVocab, ela
 
 def export_float(model, vocab: CompactVocab, out: Path, dtype=torch.bfloat16) -> Path:
     """The trained model as a Hugging Face folder with float experts and the full vocabulary."""
-    from gptoss.checkpoint import HF, ShardedWriter, to_checkpoint_tensors
-    from gptoss.tokenizer import ENDOFTEXT, STARTOFTEXT, write_tokenizer_json
+    from gptoss.checkpoint import HF, ShardedWriter, to_checkpoint_tensors, write_generation_config
+    from gptoss.tokenizer import write_tokenizer_json
 
     config = dataclasses.replace(DEMO_CONFIG)
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if k != "rotary.inv_freq"}
@@ -244,9 +244,7 @@ def export_float(model, vocab: CompactVocab, out: Path, dtype=torch.bfloat16) ->
     writer.write_shard(to_checkpoint_tensors(state, HF, config))
     writer.finish()
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    generation = {"bos_token_id": STARTOFTEXT, "eos_token_id": list(config.eos_token_ids),
-                      "pad_token_id": ENDOFTEXT}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_generation_config(out, config)
     write_tokenizer_json(out)
     return out
 
