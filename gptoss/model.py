@@ -253,6 +253,7 @@ class Model(nn.Module):
         folder, layout, config = detect_layout(Path(path))
         reader = CheckpointReader(folder)
         config = with_stored_expert_format(reader, layout, config)
+        ops.select(device)  # decide the kernels (and build or report them) now, not mid-forward
         with torch.device("meta"):
             model = cls(config)
         expected = model.state_dict()

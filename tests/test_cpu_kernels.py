@@ -95,15 +95,26 @@ def test_build_failure_falls_back_to_reference(tmp_path):
     assert len(warnings) == 1, out.stderr
 
 
-def test_dispatch_uses_kernels_on_cpu_and_honours_reference_env(monkeypatch):
+def test_dispatch_is_decided_once_per_device_and_honours_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu, "linear", lambda *a: calls.append("linear") or reference.linear(*a))
     x, w = torch.randn(1, 64), torch.randn(8, 64)
+    ops.use(None)  # decide again, now that cpu.linear is the spy
     ops.linear(x, w)
-    assert calls == ["linear"]
-    monkeypatch.setenv("GPTOSS_KERNELS", "reference")
+    assert calls == ["linear"] and ops.backend_name().startswith("cpu-")
+    monkeypatch.setenv("GPTOSS_KERNELS", "reference")  # read when a backend is chosen, not per call
     ops.linear(x, w)
-    assert calls == ["linear"]
+    assert calls == ["linear", "linear"]
+    ops.use(None)  # a fresh decision reads the environment
+    ops.linear(x, w)
+    assert calls == ["linear", "linear"] and ops.backend_name() == "reference (plain torch)"
+    monkeypatch.delenv("GPTOSS_KERNELS")
+    ops.use("reference")
+    ops.linear(x, w)
+    assert len(calls) == 2
+    ops.use(None)
+    ops.linear(x, w)
+    assert len(calls) == 3
 
 
 def test_autograd_falls_back_to_reference():
@@ -517,6 +528,9 @@ def test_model_forward_matches_reference(tiny_checkpoint, monkeypatch):
 
     with torch.no_grad():
         fast = run()
-        monkeypatch.setenv("GPTOSS_KERNELS", "reference")
-        slow = run()
+        ops.use("reference")
+        try:
+            slow = run()
+        finally:
+            ops.use(None)
     close(fast, slow, torch.float32)

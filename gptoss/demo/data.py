@@ -53,17 +53,35 @@ def _digits(n: int) -> str:
     return f"{n // 100} {n // 10 % 10} {n % 10}"
 
 
+def _compare(a: int, b: int) -> str:
+    """Digit by digit from the hundreds until two differ: "5=5, 7<8" (each verdict right after the
+    two digits it compares, so the model never compares whole number tokens)."""
+    steps = []
+    for i in (2, 1, 0):
+        x, y = a // 10 ** i % 10, b // 10 ** i % 10
+        steps.append(f"{x}{'=' if x == y else '<' if x < y else '>'}{y}")
+        if x != y:
+            break
+    return ", ".join(steps)
+
+
 def arithmetic_reasoning(a: int, b: int, op: str) -> tuple[str, str]:
-    """(analysis, final) for `a op b`: operands as digits, columns from the ones up, the number."""
+    """(analysis, final) for `a op b`: operands as digits, columns from the ones up, the number.
+
+    Every decision is written after the digits it depends on: a subtraction compares the operands
+    digit by digit before choosing which to subtract from which, and a column writes `x-y-c` before
+    deciding whether it borrows (the model got `x == y` columns and whole-number comparisons wrong
+    when it had to decide first)."""
     value = a + b if op == "+" else a - b
-    lines = [f"{a} {op} {b}"]
-    if op == "+":
-        top, bottom = a, b
-        lines += [_digits(a), _digits(b)]
-    else:
-        top, bottom = (a, b) if a >= b else (b, a)
-        lines.append(f"{a} >= {b}" if a >= b else f"{a} < {b}, so the answer is -({b} - {a})")
-        lines += [_digits(top), _digits(bottom)]
+    lines = [f"{a} {op} {b}", _digits(a), _digits(b)]
+    top, bottom = a, b
+    if op == "-":
+        if a >= b:
+            lines.append(f"{_compare(a, b)}, so {a} >= {b}")
+        else:
+            lines.append(f"{_compare(a, b)}, so {a} < {b} and the answer is -({b} - {a})")
+            top, bottom = b, a
+            lines += [_digits(top), _digits(bottom)]
     carry, result = 0, []
     for i in range(3):
         x, y = top // 10 ** i % 10, bottom // 10 ** i % 10
@@ -73,7 +91,8 @@ def arithmetic_reasoning(a: int, b: int, op: str) -> tuple[str, str]:
             carry, digit = s // 10, s % 10
         else:
             d = x - y - carry
-            lines.append(f"1{x}-{y}-{carry}={d + 10}" if d < 0 else f"{x}-{y}-{carry}={d}")
+            lines.append(f"{x}-{y}-{carry} < 0, borrow: 1{x}-{y}-{carry}={d + 10}" if d < 0
+                         else f"{x}-{y}-{carry}={d}")
             carry, digit = int(d < 0), d % 10
         result.append(digit)
     if carry:
@@ -354,7 +373,7 @@ class ConversationGenerator:
 
     def case(self, rng: random.Random) -> Case:
         roll = rng.random()
-        if roll < 0.5:
+        if roll < 0.4:
             case = self.arithmetic_case(rng)
         elif roll < 0.85:
             case = self.tool_case(rng)

@@ -1,13 +1,20 @@
 """The hot operations behind one signature each; fast kernels replace the reference twins.
 
-`linear`, `moe_experts`, `attention`, `rms_norm` and `rotary` are what the model calls. On CPU
-tensors they run the C++ kernels of `gptoss.ops.cpu` (built on first use) when those are
-available, and the plain-torch twins in `gptoss.ops.reference` otherwise. `GPTOSS_KERNELS=reference` forces the twins everywhere.
+`linear`, `moe_experts`, `attention`, `rms_norm` and `rotary` are what the model calls. Each call
+goes to the `Backend` chosen for its tensor's device type, once: the first time a device type is
+seen (or when `Model.from_pretrained` loads onto it), `select` decides between the C++ kernels of
+`gptoss.ops.cpu` and the plain-torch twins in `gptoss.ops.reference`, and that is where a failed
+kernel build is reported (one warning, or an error under GPTOSS_REQUIRE_KERNELS=1).
+`GPTOSS_KERNELS=reference` at start-up forces the twins; `use("reference")` does it at run time
+(tests, training).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -15,59 +22,99 @@ from gptoss.ops import reference
 from gptoss.ops.reference import ExpertWeights, route, swiglu  # noqa: F401
 from gptoss.ops import cpu  # noqa: E402  (imports reference, above)
 
+log = logging.getLogger("gptoss")
 
-def _cpu_kernels(t: torch.Tensor) -> bool:
-    return t.is_cpu and os.environ.get("GPTOSS_KERNELS", "").strip().lower() != "reference" and cpu.available()
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of every hot op. A kernel may still hand an input it does not handle
+    (autograd, an odd dtype) to its reference twin; that is the kernel's business, per input."""
+
+    name: str
+    linear: Callable
+    rms_norm: Callable
+    rotary: Callable
+    linear_int8: Callable
+    quantize_rows_int8: Callable
+    moe_experts: Callable
+    attention: Callable
+
+
+REFERENCE = Backend("reference (plain torch)", reference.linear, reference.rms_norm, reference.rotary,
+                    reference.linear_int8, reference.quantize_rows_int8, reference.moe_experts,
+                    reference.attention)
+
+_chosen: dict[str, Backend] = {}  # device type -> its backend, decided once
+_forced: str | None = None
+
+
+def _cpu_backend() -> Backend:
+    return Backend("cpu", cpu.linear, cpu.rms_norm, cpu.rotary, cpu.linear_int8,
+                   cpu.quantize_rows_int8, cpu.moe_experts, cpu.attention)
+
+
+def select(device: torch.device | str = "cpu") -> Backend:
+    """The backend for `device`'s type: decided on the first call (building the CPU kernels if
+    needed), then kept."""
+    kind = torch.device(device).type
+    backend = _chosen.get(kind)
+    if backend is None:
+        wanted = _forced or os.environ.get("GPTOSS_KERNELS", "").strip().lower() or "auto"
+        if wanted not in ("auto", "reference", "cpu"):
+            log.warning("GPTOSS_KERNELS=%s is not a backend (use 'reference', or leave it unset); "
+                        "choosing automatically", wanted)
+        fast = kind == "cpu" and wanted != "reference" and cpu.available()
+        backend = _chosen[kind] = _cpu_backend() if fast else REFERENCE
+    return backend
+
+
+def use(name: str | None) -> None:
+    """Force a backend from now on: "reference", "cpu" (the kernels where they build), or None to
+    decide again from GPTOSS_KERNELS."""
+    global _forced
+    if name not in (None, "reference", "cpu"):
+        raise ValueError(f"unknown backend {name!r}: use 'reference', 'cpu' or None")
+    _forced = name
+    _chosen.clear()
+
+
+def _for(t: torch.Tensor) -> Backend:
+    return _chosen.get(t.device.type) or select(t.device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if _cpu_kernels(x):
-        return cpu.linear(x, weight, bias)
-    return reference.linear(x, weight, bias)
+    return _for(x).linear(x, weight, bias)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _cpu_kernels(x):
-        return cpu.rms_norm(x, weight, eps)
-    return reference.rms_norm(x, weight, eps)
+    return _for(x).rms_norm(x, weight, eps)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    if _cpu_kernels(x):
-        return cpu.rotary(x, cos, sin)
-    return reference.rotary(x, cos, sin)
+    return _for(x).rotary(x, cos, sin)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    if _cpu_kernels(x):
-        return cpu.linear_int8(x, weight, scale, bias)
-    return reference.linear_int8(x, weight, scale, bias)
+    return _for(x).linear_int8(x, weight, scale, bias)
 
 
 def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _cpu_kernels(weight):
-        return cpu.quantize_rows_int8(weight)
-    return reference.quantize_rows_int8(weight)
+    return _for(weight).quantize_rows_int8(weight)
 
 
 def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
                 experts: ExpertWeights) -> torch.Tensor:
-    if _cpu_kernels(x):
-        return cpu.moe_experts(x, expert_indices, expert_weights, experts)
-    return reference.moe_experts(x, expert_indices, expert_weights, experts)
+    return _for(x).moe_experts(x, expert_indices, expert_weights, experts)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
               key_rows: torch.Tensor | None = None) -> torch.Tensor:
-    if _cpu_kernels(q):
-        return cpu.attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
-    return reference.attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
+    return _for(q).attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
 
 
-def backend_name() -> str:
-    """Which implementation runs on CPU tensors here, for benchmarks and logs."""
-    if os.environ.get("GPTOSS_KERNELS", "").strip().lower() == "reference" or not cpu.available():
-        return "reference (plain torch)"
-    return f"cpu-{cpu.isa()}"
+def backend_name(device: torch.device | str = "cpu") -> str:
+    """Which implementation runs on `device`'s tensors, for benchmarks and logs."""
+    name = select(device).name
+    return f"cpu-{cpu.isa()}" if name == "cpu" else name
