@@ -19,9 +19,9 @@ def pytest_terminal_summary(terminalreporter):
     """Say which CPU kernel paths this machine ran (the others' tests are skipped)."""
     from gptoss.ops import cpu
 
-    if cpu._ext is not None:
-        terminalreporter.write_line(f"gptoss CPU kernels: paths run here {cpu.supported_isas()}, "
-                                    f"default {cpu.isa()}")
+    if cpu._lib is not None:
+        terminalreporter.write_line(f"gptoss CPU kernels ({cpu.library_path()}): paths run here "
+                                    f"{cpu.supported_isas()}, default {cpu.isa()}")
 
 
 @pytest.fixture(scope="session")

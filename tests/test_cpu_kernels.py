@@ -71,7 +71,7 @@ def test_env_var_forces_isa():
 
 
 def test_build_failure_falls_back_to_reference(tmp_path):
-    """No compiler: one warning, then every op runs the plain-torch reference."""
+    """No library and no compiler: one warning, then every op runs the plain-torch reference."""
     code = (
         "import torch\n"
         "from gptoss import ops\n"
@@ -82,7 +82,8 @@ def test_build_failure_falls_back_to_reference(tmp_path):
         "assert not cpu.available() and cpu.isa() == 'reference'\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), GPTOSS_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), GPTOSS_CACHE=str(tmp_path / "cache"),
+               GPTOSS_KERNELS_LIBRARY="build")  # as if the install had built no library
     env.pop("GPTOSS_CPU_ISA", None)
     env.pop("GPTOSS_REQUIRE_KERNELS", None)
     required = subprocess.run([sys.executable, "-c", code], env={**env, "GPTOSS_REQUIRE_KERNELS": "1"},

@@ -13,16 +13,18 @@
 // half the rate of fp32 FMA, so the compute-bound kernels (MXFP4, GEMM) widen to fp32 instead.
 // On the avx512 paths, a CPU with VNNI and VBMI runs the experts of bfloat16 models with int8
 // activations (exact integer block sums, see "MXFP4 x int8 activations"); fp32 models stay exact.
-// Work is split over torch's intra-op threads (at::parallel_for, i.e. torch.set_num_threads).
-
-// ATen and torch's pybind11 casters only (not <torch/extension.h>, which doubles the build time).
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/csrc/utils/pybind.h>
+// Work is split over OpenMP threads, as many as gptoss_set_threads says (torch.get_num_threads()).
+//
+// The library does not depend on torch: it exports plain C functions (the `extern "C"` section at
+// the end) that take raw pointers and sizes, and gptoss/ops/cpu/__init__.py calls them through
+// ctypes on tensors it has checked and made contiguous. So it compiles in seconds with any C++17
+// compiler, at install time, and one build serves every torch version. Linked with -fopenmp it
+// shares torch's OpenMP runtime (the soname libgomp.so.1 that torch loads first).
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cassert>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -62,25 +64,8 @@ static Isa best_isa() {
 static Isa g_best = best_isa();
 static Isa g_isa = g_best;
 
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> out;
-  for (int i = static_cast<int>(g_best); i >= 0; --i) out.push_back(kIsaNames[i]);
-  return out;
-}
 
-std::string get_isa() { return kIsaNames[static_cast<int>(g_isa)]; }
 
-void set_isa(const std::string& name) {
-  for (int i = 0; i < 4; ++i) {
-    if (name == kIsaNames[i]) {
-      TORCH_CHECK(i <= static_cast<int>(g_best), "gptoss CPU kernels: this CPU does not support the '", name,
-                  "' path (best: ", kIsaNames[static_cast<int>(g_best)], ")");
-      g_isa = static_cast<Isa>(i);
-      return;
-    }
-  }
-  TORCH_CHECK(false, "gptoss CPU kernels: unknown ISA '", name, "'; choose avx512bf16, avx512, avx2 or scalar");
-}
 
 // ---------------------------------------------------------------------------------------------
 // Scalars and tables
@@ -134,6 +119,8 @@ static const Tables kT;
 // ---------------------------------------------------------------------------------------------
 // Threading: a fixed number of workers pull units from a shared counter (units can differ in cost).
 
+static int g_threads = 1;  // set from torch.get_num_threads() before each call
+
 // Fewer than `min_units` units run on the calling thread: waking the others costs more.
 template <class Body>
 static void parallel_units(int64_t n_units, const Body& body, int64_t min_units = 2) {
@@ -144,13 +131,17 @@ static void parallel_units(int64_t n_units, const Body& body, int64_t min_units 
     return;
   }
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_units);
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  const int workers = static_cast<int>(std::min<int64_t>(g_threads, n_units));
+  if (workers <= 1) {
+    std::vector<float> scratch;
+    for (int64_t u = 0; u < n_units; ++u) body(u, scratch);
+    return;
+  }
+#pragma omp parallel num_threads(workers)
+  {
     std::vector<float> scratch;  // per worker, grown by the body as needed
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) body(u, scratch);
-    }
-  });
+    for (int64_t u = next.fetch_add(1); u < n_units; u = next.fetch_add(1)) body(u, scratch);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,7 +366,7 @@ static const DenseKernel kDenseBf16Dp = KERNEL_TABLE(dense_mk_bf16dp);
 // The kernel for weights of `w_bf16` type; x must then be bf16 for the vdpbf16ps kernel, else fp32.
 static const DenseKernel& dense_kernel(Isa isa, bool w_bf16, bool x_bf16) {
   if (x_bf16) {
-    TORCH_INTERNAL_ASSERT(w_bf16 && isa == Isa::Avx512Bf16);
+    assert(w_bf16 && isa == Isa::Avx512Bf16);
     return kDenseBf16Dp;
   }
   switch (isa) {
@@ -1039,19 +1030,10 @@ static AttnOps<T> attn_ops(Isa isa) {
 // key_rows (optional, [B, S]): key j of row b is row key_rows[b, j] of k and v seen as [R, Hkv, D]
 // (a paged cache read in place through its block table); without it, k and v are [B, S, Hkv, D].
 template <class T>
-static at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& sinks, const at::Tensor& q_pos, const at::Tensor& k_pos,
-                                 int64_t window, const int64_t* key_rows) {
-  const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t S = k_pos.size(1), Hkv = k.size(-2), group = Hq / Hkv;
-  auto out = at::empty({B, Tq, Hq, D}, q.options().dtype(at::kFloat));
-  const T* qp = static_cast<const T*>(q.data_ptr());
-  const T* kp = static_cast<const T*>(k.data_ptr());
-  const T* vp = static_cast<const T*>(v.data_ptr());
-  const float* sp = sinks.data_ptr<float>();
-  const int64_t* qpos = q_pos.data_ptr<int64_t>();
-  const int64_t* kpos = k_pos.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
+static void attention_impl(const T* qp, const T* kp, const T* vp, const float* sp, const int64_t* qpos,
+                           const int64_t* kpos, int64_t B, int64_t Tq, int64_t Hq, int64_t D, int64_t S, int64_t Hkv,
+                           int64_t window, const int64_t* key_rows, float* op) {
+  const int64_t group = Hq / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const AttnOps<T> ops = attn_ops<T>(g_isa);
 
@@ -1096,53 +1078,14 @@ static at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const
     }
     std::memcpy(op + (bt * Hq + g * group) * D, acc, group * D * sizeof(float));
   });
-  return out;
 }
 
-at::Tensor attention(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& sinks,
-                     const at::Tensor& q_pos, const at::Tensor& k_pos, int64_t window,
-                     const c10::optional<at::Tensor>& key_rows_) {
-  const bool paged = key_rows_.has_value() && key_rows_->defined();
-  TORCH_CHECK(q_.dim() == 4 && k_.dim() >= 3 && v_.sizes() == k_.sizes(), "attention: q must be [B, T, H, D], "
-              "k and v [B, S, H, D] (or a flat [..., H, D] cache with key_rows)");
-  TORCH_CHECK(k_.scalar_type() == q_.scalar_type() && v_.scalar_type() == q_.scalar_type(),
-              "attention: q, k, v must share a dtype");
-  TORCH_CHECK(q_.size(2) % k_.size(-2) == 0, "attention: query heads must be a multiple of kv heads");
-  TORCH_CHECK(k_pos.dim() == 2 && k_pos.size(0) == q_.size(0), "attention: k_pos must be [B, S]");
-  TORCH_CHECK(paged || (k_.dim() == 4 && k_.size(0) == q_.size(0) && k_.size(1) == k_pos.size(1)),
-              "attention: k must be [B, S, H, D]");
-  TORCH_CHECK(k_.size(-1) == q_.size(3), "attention: q and k head dims differ");
-  TORCH_CHECK(q_pos.dim() == 2 && q_pos.size(0) == q_.size(0) && q_pos.size(1) == q_.size(1),
-              "attention: q_pos must be [B, T]");
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  auto s = sinks.to(at::kFloat).contiguous();
-  auto qp = q_pos.to(at::kLong).contiguous(), kp = k_pos.to(at::kLong).contiguous();
-  at::Tensor rows;
-  if (paged) {
-    rows = key_rows_->to(at::kLong).contiguous();
-    TORCH_CHECK(rows.sizes() == kp.sizes(), "attention: key_rows must be shaped like k_pos");
-    const int64_t R = k.numel() / (k.size(-2) * k.size(-1));
-    const int64_t* rp = rows.data_ptr<int64_t>();
-    const int64_t* pp = kp.data_ptr<int64_t>();
-    for (int64_t i = 0; i < rows.numel(); ++i)
-      TORCH_CHECK(pp[i] < 0 || (rp[i] >= 0 && rp[i] < R), "attention: key row ", rp[i], " out of range [0, ", R, ")");
-  }
-  const int64_t* rp = paged ? rows.data_ptr<int64_t>() : nullptr;
-  at::Tensor out;
-  if (q.scalar_type() == at::kBFloat16)
-    out = attention_impl<bf16_t>(q, k, v, s, qp, kp, window, rp);
-  else if (q.scalar_type() == at::kFloat)
-    out = attention_impl<float>(q, k, v, s, qp, kp, window, rp);
-  else
-    TORCH_CHECK(false, "attention: q must be float32 or bfloat16");
-  return out.to(q_.scalar_type());
-}
 
 // ---------------------------------------------------------------------------------------------
 // linear: y = x W^T + b
 
 static int64_t rows_per_unit(int64_t N) {
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = g_threads;
   int64_t r = N / (threads * 8);
   r = std::max<int64_t>(4, std::min<int64_t>(64, r));
   return (r + 3) / 4 * 4;
@@ -1173,75 +1116,57 @@ static void dense_rows_widened(const DenseKernel& k, const DenseArgs& a, int64_t
   }
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(weight.dim() == 2, "linear: weight must be [N, K]");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "linear: x and weight must share a dtype");
-  const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || weight.scalar_type() == at::kFloat, "linear: weight must be float32 or bfloat16");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.size(-1) == K, "linear: x has ", x.size(-1), " features, weight expects ", K);
+// out [M, N] fp32 = x [M, K] W[N, K]^T + bias; x and W share a dtype (bf16 or fp32). Many rows of
+// fp32 weights go to torch's BLAS instead (the caller's business): this serves the rest.
+static void linear_impl(const void* x, const void* w, bool bf16, const float* bp, int64_t M, int64_t N, int64_t K,
+                        float* op) {
   const Isa isa = g_isa;
-  auto w = weight.contiguous();
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  auto out = at::empty({M, N}, x2.options().dtype(at::kFloat));
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(b.numel() == N, "linear: bias has ", b.numel(), " elements, expected ", N);
-  }
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
   auto add_bias = [&](int64_t n0, int64_t n1) {
     if (bp)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = n0; n < n1; ++n) op[m * N + n] += bp[n];
   };
-
-  if (M > kGemvMaxRows && !bf16) {
-    // fp32 weights, many rows: the BLAS torch links (MKL) is faster than our kernels here.
-    at::Tensor r = bias.has_value() && bias->defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
-    auto sizes = x.sizes().vec();
-    sizes.back() = N;
-    return r.view(sizes);
-  }
   if (M > kGemvMaxRows && isa >= Isa::Avx512) {
     // GEMM: x packed once, bf16 weights widened to fp32 a tile of rows at a time.
     std::vector<float> xt(gemm_mpad(M) * K);
     if (bf16)
-      pack_xt(static_cast<const bf16_t*>(x2.data_ptr()), K, nullptr, M, K, xt.data());
+      pack_xt(static_cast<const bf16_t*>(x), K, nullptr, M, K, xt.data());
     else
-      pack_xt(x2.data_ptr<float>(), K, nullptr, M, K, xt.data());
+      pack_xt(static_cast<const float*>(x), K, nullptr, M, K, xt.data());
     constexpr int64_t rows = 32;
     parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& tile) {
       const int64_t n0 = u * rows, nr = std::min(N, n0 + rows) - n0;
       tile.resize(rows * K);
-      widen_bf16_avx512(static_cast<const bf16_t*>(w.data_ptr()) + n0 * K, tile.data(), nr * K);
+      widen_bf16_avx512(static_cast<const bf16_t*>(w) + n0 * K, tile.data(), nr * K);
       std::fill(tile.begin() + nr * K, tile.end(), 0.f);
       gemm_tile(tile.data(), nr, xt.data(), M, K, op + n0, N);
       add_bias(n0, n0 + nr);
     });
-  } else {
-    // GEMV (or any size without AVX-512): the weights stream once through the dot-product kernels.
-    // Only the bf16 GEMV on AVX512_BF16 reads x as bf16; everything else reads fp32.
-    const bool x_bf16 = bf16 && isa == Isa::Avx512Bf16 && M <= kGemvMaxRows;
-    if (!x_bf16) x2 = x2.to(at::kFloat).contiguous();
-    const DenseArgs a{w.data_ptr(), K, x2.data_ptr(), K, M, K, op, N};
-    const bool widen = M > kGemvMaxRows && bf16;
-    const DenseKernel& kern = dense_kernel(isa, bf16 && !widen, x_bf16);
-    const int64_t rows = rows_per_unit(N);
-    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& buf) {
-      const int64_t n0 = u * rows, n1 = std::min(N, n0 + rows);
-      if (widen)
-        dense_rows_widened(kern, a, n0, n1, buf);
-      else
-        dense_rows(kern, a, n0, n1);
-      add_bias(n0, n1);
-    });
+    return;
   }
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return out.to(x.scalar_type()).view(sizes);
+  // GEMV (or any size without AVX-512): the weights stream once through the dot-product kernels.
+  // Only the bf16 GEMV on AVX512_BF16 reads x as bf16; everything else reads fp32.
+  const bool x_bf16 = bf16 && isa == Isa::Avx512Bf16 && M <= kGemvMaxRows;
+  std::vector<float> widened;
+  const void* xs = x;
+  if (bf16 && !x_bf16) {
+    widened.resize(M * K);
+    const bf16_t* xb = static_cast<const bf16_t*>(x);
+    for (int64_t i = 0; i < M * K; ++i) widened[i] = bf16_to_f32(xb[i]);
+    xs = widened.data();
+  }
+  const DenseArgs a{w, K, xs, K, M, K, op, N};
+  const bool widen = M > kGemvMaxRows && bf16;
+  const DenseKernel& kern = dense_kernel(isa, bf16 && !widen, x_bf16);
+  const int64_t rows = rows_per_unit(N);
+  parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& buf) {
+    const int64_t n0 = u * rows, n1 = std::min(N, n0 + rows);
+    if (widen)
+      dense_rows_widened(kern, a, n0, n1, buf);
+    else
+      dense_rows(kern, a, n0, n1);
+    add_bias(n0, n1);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1281,19 +1206,8 @@ static bool use_int8_activations(Isa isa, bool x_bf16) {
   return g_int8_act == Int8Activations::Always || (g_int8_act == Int8Activations::Bf16 && x_bf16);
 }
 
-void set_int8_activations(const std::string& mode) {
-  if (mode == "never") g_int8_act = Int8Activations::Never;
-  else if (mode == "bf16") g_int8_act = Int8Activations::Bf16;
-  else if (mode == "always") g_int8_act = Int8Activations::Always;
-  else TORCH_CHECK(false, "int8 activations: unknown mode '", mode, "'; choose never, bf16 or always");
-}
 
-std::string get_int8_activations() {
-  static const char* names[] = {"never", "bf16", "always"};
-  return names[static_cast<int>(g_int8_act)];
-}
 
-bool int8_activations_supported() { return g_has_vnni && g_isa >= Isa::Avx512; }
 
 static constexpr int kQ8Offset = 12;  // 2 * 6, the largest E2M1 magnitude, doubled
 
@@ -1664,41 +1578,14 @@ static void quantize_rows_i8(const T* w, int64_t N, int64_t K, uint8_t* out, flo
   });
 }
 
-std::vector<at::Tensor> quantize_rows_int8(const at::Tensor& w_) {
-  TORCH_CHECK(w_.dim() == 2, "quantize_rows_int8: weight must be [N, K]");
-  auto w = w_.contiguous();
-  const int64_t N = w.size(0), K = w.size(1);
-  auto out = at::empty({N, K}, w.options().dtype(at::kByte));
-  auto scale = at::empty({N}, w.options().dtype(at::kFloat));
-  if (w.scalar_type() == at::kBFloat16)
-    quantize_rows_i8(static_cast<const bf16_t*>(w.data_ptr()), N, K, out.data_ptr<uint8_t>(), scale.data_ptr<float>());
-  else
-    quantize_rows_i8(w.to(at::kFloat).contiguous().data_ptr<float>(), N, K, out.data_ptr<uint8_t>(),
-                     scale.data_ptr<float>());
-  TORCH_CHECK(scale.isfinite().all().item<bool>(), "quantize_rows_int8: the weight has non-finite values");
-  return {out, scale};
-}
 
 // y = round_int8_blocks(x) (W8 * scale)^T + b. Few rows: the VNNI matrix-vector kernel; many rows:
 // the experts' int8 tile product, so a row gets the same integer sums either way. Without VNNI
 // (where --dense-int8 is refused) the scalar matrix-vector kernel serves every size.
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tensor& scale_,
-                       const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kByte, "linear_int8: weight must be uint8 [N, K]");
-  const int64_t N = w_.size(0), K = w_.size(1);
-  TORCH_CHECK(K % 32 == 0, "linear_int8: K must be a multiple of 32");
-  TORCH_CHECK(x.size(-1) == K, "linear_int8: x has ", x.size(-1), " features, weight expects ", K);
-  TORCH_CHECK(scale_.numel() == N, "linear_int8: one scale per row expected");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "linear_int8: x must be float32 or bfloat16");
-  auto w = w_.contiguous();
-  auto scale = scale_.to(at::kFloat).contiguous();
-  auto x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  auto out = at::empty({M, N}, x2.options().dtype(at::kFloat));
-  float* op = out.data_ptr<float>();
+// out [M, N] fp32 = round_int8_blocks(x) (W8 * scale)^T; the caller adds the bias.
+static void linear_int8_impl(const void* x, bool x_bf16, const uint8_t* w, const float* scale, int64_t M,
+                             int64_t N, int64_t K, float* op) {
   const Isa isa = g_isa;
-  const bool x_bf16 = x2.scalar_type() == at::kBFloat16;
 
 
   if (M > kGemvMaxRows && g_has_vnni && isa >= Isa::Avx512) {
@@ -1709,10 +1596,10 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tens
     parallel_units((M + 15) / 16, [&](int64_t u, std::vector<float>& scratch) {
       const int64_t m0 = u * 16, mb = std::min<int64_t>(16, M - m0);
       if (x_bf16)
-        prepare_q8_tile(static_cast<const bf16_t*>(x2.data_ptr()) + m0 * K, K, nullptr, mb, K, xt.data() + u * tb,
+        prepare_q8_tile(static_cast<const bf16_t*>(x) + m0 * K, K, nullptr, mb, K, xt.data() + u * tb,
                         scratch, 128);
       else
-        prepare_q8_tile(x2.data_ptr<float>() + m0 * K, K, nullptr, mb, K, xt.data() + u * tb, scratch, 128);
+        prepare_q8_tile(static_cast<const float*>(x) + m0 * K, K, nullptr, mb, K, xt.data() + u * tb, scratch, 128);
     });
     constexpr int64_t rows = 32;
     parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& scratch) {
@@ -1720,8 +1607,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tens
       scratch.assign(nr4 * nblk + (nr4 == nr ? 0 : nr4 * K / 4 + 1), 0.f);
       float* ws = scratch.data();
       for (int64_t r = 0; r < nr; ++r)
-        for (int64_t b = 0; b < nblk; ++b) ws[r * nblk + b] = 2.f * scale.data_ptr<float>()[n0 + r];  // dh is d / 2
-      const uint8_t* wt = w.data_ptr<uint8_t>() + n0 * K;
+        for (int64_t b = 0; b < nblk; ++b) ws[r * nblk + b] = 2.f * scale[n0 + r];  // dh is d / 2
+      const uint8_t* wt = w + n0 * K;
       if (nr4 != nr) {  // the micro-kernel reads rows 4 at a time: pad the last tile
         uint8_t* pad = reinterpret_cast<uint8_t*>(ws + nr4 * nblk);
         std::memcpy(pad, wt, nr * K);
@@ -1735,11 +1622,11 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tens
     std::vector<uint8_t> xp(M * rbytes);
     parallel_units(M, [&](int64_t mi, std::vector<float>& scratch) {
       if (x_bf16)
-        prepare_i8_row(static_cast<const bf16_t*>(x2.data_ptr()) + mi * K, K, xp.data() + mi * rbytes, scratch);
+        prepare_i8_row(static_cast<const bf16_t*>(x) + mi * K, K, xp.data() + mi * rbytes, scratch);
       else
-        prepare_i8_row(x2.data_ptr<float>() + mi * K, K, xp.data() + mi * rbytes, scratch);
+        prepare_i8_row(static_cast<const float*>(x) + mi * K, K, xp.data() + mi * rbytes, scratch);
     }, 8);
-    const I8Args a{w.data_ptr<uint8_t>(), scale.data_ptr<float>(), xp.data(), M, K, op, N};
+    const I8Args a{w, scale, xp.data(), M, K, op, N};
     const I8Kernel& kern = g_has_vnni && isa >= Isa::Avx512 ? kI8Vnni : kI8Scalar;
     const int64_t rows = rows_per_unit(N);
     parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>&) {
@@ -1750,13 +1637,6 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w_, const at::Tens
       }
     });
   }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "linear_int8: bias has ", bias->numel(), " elements, expected ", N);
-    out.add_(bias->to(at::kFloat).view({1, N}));
-  }
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return out.to(x.scalar_type()).view(sizes);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1775,23 +1655,6 @@ static void rms_norm_rows(const T* x, const W* w, T* out, int64_t rows, int64_t 
   }, 16);
 }
 
-at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
-  TORCH_CHECK(x_.dim() >= 1 && w_.dim() == 1 && x_.size(-1) == w_.size(0), "rms_norm: weight must be [D] for x [..., D]");
-  TORCH_CHECK((x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16) &&
-                  (w_.scalar_type() == at::kFloat || w_.scalar_type() == at::kBFloat16),
-              "rms_norm: float32 or bfloat16 only");
-  auto x = x_.contiguous(), w = w_.contiguous();
-  auto out = at::empty_like(x);
-  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
-  const float e = static_cast<float>(eps);
-  const bool xb = x.scalar_type() == at::kBFloat16, wb = w.scalar_type() == at::kBFloat16;
-  auto xp = x.data_ptr(), wp = w.data_ptr(), op = out.data_ptr();
-  if (xb && wb) rms_norm_rows(static_cast<const bf16_t*>(xp), static_cast<const bf16_t*>(wp), static_cast<bf16_t*>(op), rows, D, e);
-  else if (xb) rms_norm_rows(static_cast<const bf16_t*>(xp), static_cast<const float*>(wp), static_cast<bf16_t*>(op), rows, D, e);
-  else if (wb) rms_norm_rows(static_cast<const float*>(xp), static_cast<const bf16_t*>(wp), static_cast<float*>(op), rows, D, e);
-  else rms_norm_rows(static_cast<const float*>(xp), static_cast<const float*>(wp), static_cast<float*>(op), rows, D, e);
-  return out;
-}
 
 // x [B, T, H, D] rotated in the half-split form by cos/sin [B, T, 1, D/2] (fp32), in fp32, rounded once.
 template <class T>
@@ -1812,21 +1675,6 @@ static void rotary_rows(const T* x, const float* cs, const float* sn, T* out, in
   }, 16);
 }
 
-at::Tensor rotary(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_) {
-  TORCH_CHECK(x_.dim() == 4 && x_.size(3) % 2 == 0, "rotary: x must be [B, T, H, D] with D even");
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16, "rotary: float32 or bfloat16 only");
-  const int64_t B = x_.size(0), T = x_.size(1), H = x_.size(2), D = x_.size(3);
-  auto x = x_.contiguous();
-  auto c = cos_.to(at::kFloat).expand({B, T, 1, D / 2}).contiguous();
-  auto s = sin_.to(at::kFloat).expand({B, T, 1, D / 2}).contiguous();
-  auto out = at::empty_like(x);
-  if (x.scalar_type() == at::kBFloat16)
-    rotary_rows(static_cast<const bf16_t*>(x.data_ptr()), c.data_ptr<float>(), s.data_ptr<float>(),
-                static_cast<bf16_t*>(out.data_ptr()), B * T, H, D);
-  else
-    rotary_rows(x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), out.data_ptr<float>(), B * T, H, D);
-  return out;
-}
 
 // ---------------------------------------------------------------------------------------------
 // MoE experts: out[t] = sum_j w[t, j] * (down_e(swiglu(gate_up_e(x[t]) + b)) + b_down), e = idx[t, j].
@@ -1982,44 +1830,15 @@ static void q8_expert_projection(const std::vector<ExpertGroup>& groups, const u
   });
 }
 
-at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
-                       const at::Tensor& gu_blocks_, const at::Tensor& gu_scales_, const at::Tensor& gu_bias,
-                       const at::Tensor& dn_blocks_, const at::Tensor& dn_scales_, const at::Tensor& dn_bias,
-                       double swiglu_limit) {
-  TORCH_CHECK(x_.dim() == 2, "moe_experts: x must be [N, H]");
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16,
-              "moe_experts: x must be float32 or bfloat16");
-  TORCH_CHECK(gu_blocks_.scalar_type() == at::kByte && dn_blocks_.scalar_type() == at::kByte &&
-                  gu_scales_.scalar_type() == at::kByte && dn_scales_.scalar_type() == at::kByte,
-              "moe_experts: MXFP4 blocks and scales must be uint8");
-  const int64_t N = x_.size(0), H = x_.size(1);
-  TORCH_CHECK(gu_blocks_.dim() == 4 && gu_blocks_.size(2) * 32 == H && gu_blocks_.size(3) == 16,
-              "moe_experts: gate_up_blocks must be [E, 2I, H/32, 16] with H = ", H);
-  const int64_t E = gu_blocks_.size(0), I2 = gu_blocks_.size(1), I = I2 / 2;
-  TORCH_CHECK(dn_blocks_.dim() == 4 && dn_blocks_.size(0) == E && dn_blocks_.size(1) == H &&
-                  dn_blocks_.size(2) * 32 == I && dn_blocks_.size(3) == 16,
-              "moe_experts: down_blocks must be [E, H, I/32, 16]");
-  TORCH_CHECK(gu_scales_.numel() == E * I2 * (H / 32) && dn_scales_.numel() == E * H * (I / 32),
-              "moe_experts: scales do not match the blocks");
-  TORCH_CHECK(expert_indices.dim() == 2 && expert_indices.size(0) == N &&
-                  expert_weights.sizes() == expert_indices.sizes(),
-              "moe_experts: expert_indices and expert_weights must be [N, k]");
-  const int64_t topk = expert_indices.size(1);
-  auto out = at::zeros({N, H}, x_.options().dtype(at::kFloat));
-  if (N == 0 || topk == 0) return out.to(x_.scalar_type());
-
+// out [N, H] fp32 (zeroed by the caller) = sum over each token's experts of weight * expert(x).
+// The expert indices are checked by the caller. Biases are bf16 or fp32 ([E, 2I] and [E, H]).
+static void moe_experts_impl(const void* x, bool x_bf16, const int64_t* ip, const float* wp, int64_t N,
+                             int64_t topk, const uint8_t* gub, const uint8_t* gus, const void* gu_bias,
+                             const uint8_t* dnb, const uint8_t* dns, const void* dn_bias, bool bias_bf16, int64_t E,
+                             int64_t I2, int64_t H, float limit, float* op) {
+  const int64_t I = I2 / 2;
   const Isa isa = g_isa;
   const MxKind kind = mx_kind(isa);
-  const bool x_bf16 = x_.scalar_type() == at::kBFloat16;
-  auto x = x_.contiguous();
-  auto idx = expert_indices.to(at::kLong).contiguous();
-  auto wts = expert_weights.to(at::kFloat).contiguous();
-  auto gub = gu_blocks_.contiguous(), gus = gu_scales_.contiguous();
-  auto dnb = dn_blocks_.contiguous(), dns = dn_scales_.contiguous();
-  TORCH_CHECK(gu_bias.numel() == E * I2 && dn_bias.numel() == E * H, "moe_experts: bias shapes do not match");
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N * topk; ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < E, "moe_experts: expert index ", ip[i], " out of range [0, ", E, ")");
   // The biases of the experts in use as fp32 (widening all of them would cost more than decoding
   // a token's experts); slot[e] is expert e's row in them.
   std::vector<int64_t> used_list, slot(E, -1);
@@ -2028,14 +1847,19 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
       slot[ip[i]] = static_cast<int64_t>(used_list.size());
       used_list.push_back(ip[i]);
     }
-  const auto used = at::tensor(used_list, idx.options());
-  auto gubias = gu_bias.reshape({E, I2}).index_select(0, used).to(at::kFloat).contiguous();
-  auto dnbias = dn_bias.reshape({E, H}).index_select(0, used).to(at::kFloat).contiguous();
-  const float* wp = wts.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float limit = static_cast<float>(swiglu_limit);
-  const float* gbias = gubias.data_ptr<float>();
-  const float* dbias = dnbias.data_ptr<float>();
+  const int64_t n_used = static_cast<int64_t>(used_list.size());
+  std::vector<float> gubias(n_used * I2), dnbias(n_used * H);
+  for (int64_t u = 0; u < n_used; ++u) {
+    const int64_t e = used_list[u];
+    for (int64_t c = 0; c < I2; ++c)
+      gubias[u * I2 + c] = bias_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(gu_bias)[e * I2 + c])
+                                     : static_cast<const float*>(gu_bias)[e * I2 + c];
+    for (int64_t c = 0; c < H; ++c)
+      dnbias[u * H + c] = bias_bf16 ? bf16_to_f32(static_cast<const bf16_t*>(dn_bias)[e * H + c])
+                                    : static_cast<const float*>(dn_bias)[e * H + c];
+  }
+  const float* gbias = gubias.data();
+  const float* dbias = dnbias.data();
   const bool q8 = use_int8_activations(isa, x_bf16);
   std::vector<float> xbuf, h, act, y;
   std::vector<uint8_t> qbuf;
@@ -2065,16 +1889,16 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
     h.resize(rows_total * I2);
     if (q8) {
       if (x_bf16)
-        q8_pack_inputs(groups, static_cast<const bf16_t*>(x.data_ptr()), H, tok.data(), qbuf);
+        q8_pack_inputs(groups, static_cast<const bf16_t*>(x), H, tok.data(), qbuf);
       else
-        q8_pack_inputs(groups, x.data_ptr<float>(), H, tok.data(), qbuf);
-      q8_expert_projection(groups, gub.data_ptr<uint8_t>(), gus.data_ptr<uint8_t>(), I2, H, qbuf.data(), h.data(), I2);
+        q8_pack_inputs(groups, static_cast<const float*>(x), H, tok.data(), qbuf);
+      q8_expert_projection(groups, gub, gus, I2, H, qbuf.data(), h.data(), I2);
     } else {
       if (x_bf16)
-        pack_inputs(kind, groups, static_cast<const bf16_t*>(x.data_ptr()), H, tok.data(), xbuf);
+        pack_inputs(kind, groups, static_cast<const bf16_t*>(x), H, tok.data(), xbuf);
       else
-        pack_inputs(kind, groups, x.data_ptr<float>(), H, tok.data(), xbuf);
-      expert_projection(isa, kind, groups, gub.data_ptr<uint8_t>(), gus.data_ptr<uint8_t>(), I2, H, xbuf.data(),
+        pack_inputs(kind, groups, static_cast<const float*>(x), H, tok.data(), xbuf);
+      expert_projection(isa, kind, groups, gub, gus, I2, H, xbuf.data(),
                         h.data(), I2);
     }
 
@@ -2093,10 +1917,10 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
     y.resize(rows_total * H);
     if (q8) {
       q8_pack_inputs(groups, act.data(), I, nullptr, qbuf);
-      q8_expert_projection(groups, dnb.data_ptr<uint8_t>(), dns.data_ptr<uint8_t>(), H, I, qbuf.data(), y.data(), H);
+      q8_expert_projection(groups, dnb, dns, H, I, qbuf.data(), y.data(), H);
     } else {
       pack_inputs(kind, groups, act.data(), I, nullptr, xbuf);
-      expert_projection(isa, kind, groups, dnb.data_ptr<uint8_t>(), dns.data_ptr<uint8_t>(), H, I, xbuf.data(),
+      expert_projection(isa, kind, groups, dnb, dns, H, I, xbuf.data(),
                         y.data(), H);
     }
 
@@ -2112,31 +1936,11 @@ at::Tensor moe_experts(const at::Tensor& x_, const at::Tensor& expert_indices, c
       }
     });
   }
-  return out.to(x_.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------
 // Test and benchmark helpers
 
-at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_, bool to_bf16) {
-  TORCH_CHECK(blocks_.scalar_type() == at::kByte && scales_.scalar_type() == at::kByte, "blocks/scales must be uint8");
-  TORCH_CHECK(blocks_.dim() >= 2 && blocks_.size(-1) == 16, "blocks must be [..., K/32, 16]");
-  auto blocks = blocks_.contiguous(), scales = scales_.contiguous();
-  const int64_t nblk = blocks.size(-2), rows = scales.numel() / std::max<int64_t>(nblk, 1);
-  TORCH_CHECK(scales.numel() * 16 == blocks.numel(), "scales do not match blocks");
-  auto out32 = at::empty({rows, nblk * 32}, blocks.options().dtype(at::kFloat));
-  const Isa isa = g_isa;
-  parallel_units(rows, [&](int64_t r, std::vector<float>&) {
-    decode_rows(isa, blocks.data_ptr<uint8_t>() + r * nblk * 16, scales.data_ptr<uint8_t>() + r * nblk, nblk, 1,
-                out32.data_ptr<float>() + r * nblk * 32);
-  });
-  auto sizes = scales.sizes().vec();
-  sizes.back() = nblk * 32;
-  if (!to_bf16) return out32.view(sizes);
-  auto out = at::empty({rows, nblk * 32}, blocks.options().dtype(at::kBFloat16));
-  f32_to_bf16_row(isa, out32.data_ptr<float>(), reinterpret_cast<bf16_t*>(out.data_ptr()), out32.numel());
-  return out.view(sizes);
-}
 
 // Reads every byte of t once with 2 loads per cycle per thread: the machine's read bandwidth.
 T_AVX2 static uint64_t xor_reduce_avx2(const uint8_t* p, int64_t n) {
@@ -2154,10 +1958,138 @@ T_AVX2 static uint64_t xor_reduce_avx2(const uint8_t* p, int64_t n) {
   return s;
 }
 
-int64_t read_probe(const at::Tensor& t_) {
-  auto t = t_.contiguous();
-  const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
-  const int64_t n = t.numel() * t.element_size();
+
+}  // namespace gptoss
+
+
+// ---------------------------------------------------------------------------------------------
+// The C interface (ctypes). Shapes and dtypes are checked by the Python side, which passes
+// contiguous buffers; what only this side can check cheaply (index ranges) returns an error code
+// with a message in gptoss_last_error(). Every call runs on `threads` OpenMP workers.
+
+namespace {
+thread_local std::string g_error;
+int fail(const std::string& message) {
+  g_error = message;
+  return -1;
+}
+}  // namespace
+
+using namespace gptoss;
+
+extern "C" {
+
+#ifndef GPTOSS_SOURCE_HASH
+#define GPTOSS_SOURCE_HASH "unknown"
+#endif
+
+int gptoss_abi_version() { return 1; }
+const char* gptoss_source_hash() { return GPTOSS_SOURCE_HASH; }
+const char* gptoss_last_error() { return g_error.c_str(); }
+
+int gptoss_best_isa() { return static_cast<int>(g_best); }
+int gptoss_get_isa() { return static_cast<int>(g_isa); }
+int gptoss_set_isa(int isa) {
+  if (isa < 0 || isa > static_cast<int>(g_best)) return -1;
+  g_isa = static_cast<Isa>(isa);
+  return 0;
+}
+int gptoss_has_vnni_vbmi() { return g_has_vnni ? 1 : 0; }
+int gptoss_get_int8_activations() { return static_cast<int>(g_int8_act); }
+void gptoss_set_int8_activations(int mode) { g_int8_act = static_cast<Int8Activations>(mode); }
+
+void gptoss_linear(const void* x, const void* w, int bf16, const float* bias, int64_t M, int64_t N, int64_t K,
+                   float* out, int threads) {
+  g_threads = threads;
+  linear_impl(x, w, bf16 != 0, bias, M, N, K, out);
+}
+
+void gptoss_linear_int8(const void* x, int x_bf16, const uint8_t* w, const float* scale, int64_t M, int64_t N,
+                        int64_t K, float* out, int threads) {
+  g_threads = threads;
+  linear_int8_impl(x, x_bf16 != 0, w, scale, M, N, K, out);
+}
+
+void gptoss_quantize_rows_int8(const void* w, int bf16, int64_t N, int64_t K, uint8_t* out, float* scale,
+                               int threads) {
+  g_threads = threads;
+  if (bf16)
+    quantize_rows_i8(static_cast<const bf16_t*>(w), N, K, out, scale);
+  else
+    quantize_rows_i8(static_cast<const float*>(w), N, K, out, scale);
+}
+
+// x_bf16 / w_bf16 select the element types; out has x's type.
+void gptoss_rms_norm(const void* x, int x_bf16, const void* w, int w_bf16, void* out, int64_t rows, int64_t D,
+                     float eps, int threads) {
+  g_threads = threads;
+  if (x_bf16 && w_bf16)
+    rms_norm_rows(static_cast<const bf16_t*>(x), static_cast<const bf16_t*>(w), static_cast<bf16_t*>(out), rows, D, eps);
+  else if (x_bf16)
+    rms_norm_rows(static_cast<const bf16_t*>(x), static_cast<const float*>(w), static_cast<bf16_t*>(out), rows, D, eps);
+  else if (w_bf16)
+    rms_norm_rows(static_cast<const float*>(x), static_cast<const bf16_t*>(w), static_cast<float*>(out), rows, D, eps);
+  else
+    rms_norm_rows(static_cast<const float*>(x), static_cast<const float*>(w), static_cast<float*>(out), rows, D, eps);
+}
+
+// x [BT, H, D] rotated by fp32 cos/sin [BT, D/2]; out has x's type.
+void gptoss_rotary(const void* x, int bf16, const float* cos, const float* sin, void* out, int64_t BT, int64_t H,
+                   int64_t D, int threads) {
+  g_threads = threads;
+  if (bf16)
+    rotary_rows(static_cast<const bf16_t*>(x), cos, sin, static_cast<bf16_t*>(out), BT, H, D);
+  else
+    rotary_rows(static_cast<const float*>(x), cos, sin, static_cast<float*>(out), BT, H, D);
+}
+
+// q [B, Tq, Hq, D]; k, v [B, S, Hkv, D], or with key_rows [B, S] rows of a flat [R, Hkv, D] cache.
+int gptoss_attention(const void* q, const void* k, const void* v, int bf16, const float* sinks,
+                     const int64_t* q_pos, const int64_t* k_pos, const int64_t* key_rows, int64_t R, int64_t B,
+                     int64_t Tq, int64_t Hq, int64_t D, int64_t S, int64_t Hkv, int64_t window, float* out,
+                     int threads) {
+  if (key_rows)
+    for (int64_t i = 0; i < B * S; ++i)
+      if (k_pos[i] >= 0 && (key_rows[i] < 0 || key_rows[i] >= R))
+        return fail("attention: key row " + std::to_string(key_rows[i]) + " out of range [0, " + std::to_string(R) + ")");
+  g_threads = threads;
+  if (bf16)
+    attention_impl<bf16_t>(static_cast<const bf16_t*>(q), static_cast<const bf16_t*>(k), static_cast<const bf16_t*>(v),
+                           sinks, q_pos, k_pos, B, Tq, Hq, D, S, Hkv, window, key_rows, out);
+  else
+    attention_impl<float>(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v),
+                          sinks, q_pos, k_pos, B, Tq, Hq, D, S, Hkv, window, key_rows, out);
+  return 0;
+}
+
+int gptoss_moe_experts(const void* x, int x_bf16, const int64_t* expert_indices, const float* expert_weights,
+                       int64_t N, int64_t topk, const uint8_t* gu_blocks, const uint8_t* gu_scales,
+                       const void* gu_bias, const uint8_t* dn_blocks, const uint8_t* dn_scales, const void* dn_bias,
+                       int bias_bf16, int64_t E, int64_t I2, int64_t H, float swiglu_limit, float* out, int threads) {
+  for (int64_t i = 0; i < N * topk; ++i)
+    if (expert_indices[i] < 0 || expert_indices[i] >= E)
+      return fail("moe_experts: expert index " + std::to_string(expert_indices[i]) + " out of range [0, " +
+                  std::to_string(E) + ")");
+  g_threads = threads;
+  moe_experts_impl(x, x_bf16 != 0, expert_indices, expert_weights, N, topk, gu_blocks, gu_scales, gu_bias, dn_blocks,
+                   dn_scales, dn_bias, bias_bf16 != 0, E, I2, H, swiglu_limit, out);
+  return 0;
+}
+
+// MXFP4 [rows, nblk, 16] + scales [rows, nblk] -> fp32 [rows, nblk * 32] (and bf16 when out_bf16 is given).
+void gptoss_mxfp4_dequantize(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t nblk, float* out32,
+                             uint16_t* out_bf16, int threads) {
+  g_threads = threads;
+  const Isa isa = g_isa;
+  parallel_units(rows, [&](int64_t r, std::vector<float>&) {
+    decode_rows(isa, blocks + r * nblk * 16, scales + r * nblk, nblk, 1, out32 + r * nblk * 32);
+  });
+  if (out_bf16) f32_to_bf16_row(isa, out32, reinterpret_cast<bf16_t*>(out_bf16), rows * nblk * 32);
+}
+
+// Reads n bytes once, as fast as the CPU can (the bandwidth probe); returns their xor.
+int64_t gptoss_read_probe(const uint8_t* p, int64_t n, int threads) {
+  g_threads = threads;
   const int64_t chunk = 1 << 20;
   std::atomic<uint64_t> acc{0};
   const bool simd = g_best >= Isa::Avx2;
@@ -2173,29 +2105,4 @@ int64_t read_probe(const at::Tensor& t_) {
   return static_cast<int64_t>(acc.load());
 }
 
-}  // namespace gptoss
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gptoss CPU kernels (see gptoss/ops/cpu/kernels.cpp)";
-  m.def("supported_isas", &gptoss::supported_isas, "ISA paths this CPU supports, best first");
-  m.def("get_isa", &gptoss::get_isa, "the ISA path in use");
-  m.def("set_isa", &gptoss::set_isa, "force an ISA path: avx512bf16, avx512, avx2 or scalar");
-  m.def("linear", &gptoss::linear, "y = x W^T + b", pybind11::arg("x"), pybind11::arg("weight"),
-        pybind11::arg("bias") = pybind11::none());
-  m.def("moe_experts", &gptoss::moe_experts, "MXFP4 experts with clamped SwiGLU");
-  m.def("set_int8_activations", &gptoss::set_int8_activations,
-        "round expert activations to int8 per block of 32: never, bf16 (bfloat16 inputs only) or always");
-  m.def("get_int8_activations", &gptoss::get_int8_activations, "the int8-activation mode in use");
-  m.def("int8_activations_supported", &gptoss::int8_activations_supported,
-        "whether this CPU has the int8 expert path (AVX-512 VNNI and VBMI)");
-  m.def("linear_int8", &gptoss::linear_int8, "y = x (W8 * scale)^T + b with int8-rounded x", pybind11::arg("x"),
-        pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("bias") = pybind11::none());
-  m.def("quantize_rows_int8", &gptoss::quantize_rows_int8, "weight -> (bytes w + 128, scale per row)");
-  m.def("rms_norm", &gptoss::rms_norm, "x / sqrt(mean(x^2) + eps) * weight");
-  m.def("rotary", &gptoss::rotary, "half-split rotary embedding with fp32 cos/sin");
-  m.def("attention", &gptoss::attention, "attention with sinks, GQA and sliding window", pybind11::arg("q"),
-        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("sinks"), pybind11::arg("q_pos"), pybind11::arg("k_pos"),
-        pybind11::arg("window"), pybind11::arg("key_rows") = pybind11::none());
-  m.def("mxfp4_dequantize", &gptoss::mxfp4_dequantize, "MXFP4 -> float32 (or bfloat16 with to_bf16)");
-  m.def("read_probe", &gptoss::read_probe, "read a tensor once as fast as possible (bandwidth probe)");
-}
+}  // extern "C"
