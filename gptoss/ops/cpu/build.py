@@ -15,8 +15,12 @@ LDFLAGS = ["-shared", "-fopenmp"]
 
 
 def source_hash(source: Path = SOURCE) -> str:
-    """Identifies a build (the source and the flags); compiled into the library as its tag."""
-    return hashlib.sha256(source.read_bytes() + " ".join(CXXFLAGS + LDFLAGS).encode()).hexdigest()[:16]
+    """Identifies a build (kernels.cpp, the parts it includes, the flags); compiled into the library
+    as its tag, so a library built from other sources is noticed at load."""
+    digest = hashlib.sha256(" ".join(CXXFLAGS + LDFLAGS).encode())
+    for path in [source, *sorted(source.parent.glob("*.h"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def compile_library(out: Path, source: Path = SOURCE, compiler: str | None = None) -> None:
