@@ -102,6 +102,12 @@ def cmd_bench(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be at least 1")
+    from gptoss.checkpoint import detect_layout
+
+    context = detect_layout(Path(args.path))[2].context_length
+    if args.prompt_tokens + args.gen_tokens > context:
+        raise UsageError(f"--prompt-tokens {args.prompt_tokens} + --gen-tokens {args.gen_tokens} is more than the "
+                         f"model's context of {context} tokens")
     result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json,
                        dense_int8=args.dense_int8)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
@@ -126,9 +132,31 @@ def cmd_chat(args) -> int:
 
 def cmd_generate(args) -> int:
     from gptoss.chat_cli import run_generate
+    from gptoss.engine.engine import RequestError
 
     _check_sampling(args)
-    return run_generate(args)
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give the text to continue")
+    try:
+        return run_generate(args)
+    except RequestError as exc:  # e.g. a prompt longer than the context
+        raise UsageError(str(exc)) from None
+
+
+def check_device(name: str) -> None:
+    """A device torch knows and this machine has, or a UsageError saying what to use instead."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+        raise UsageError(f"--device {name}: this torch ({torch.__version__}) {build}; use --device cpu, or install "
+                         f"a CUDA build of torch on a machine with an NVIDIA GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: gptoss runs on cpu or cuda")
 
 
 def cmd_serve(args) -> None:
@@ -138,6 +166,9 @@ def cmd_serve(args) -> None:
     for name in ("max_num_seqs", "port"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.port > 65535:
+        raise UsageError(f"--port {args.port}: a TCP port is 1 to 65535")
+    check_device(args.device)
     if args.max_queue < 0:
         raise UsageError("--max-queue must be at least 0")
     try:

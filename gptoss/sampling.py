@@ -36,6 +36,10 @@ import torch
 from gptoss.tokenizer import ASSISTANT_STOP_IDS as HARMONY_STOP_TOKEN_IDS  # <|return|>, <|call|>
 
 MAX_TOP_LOGPROBS = 20
+# Stop strings are matched against every new piece of text: bound the work one request can ask for
+# (OpenAI takes 4; vLLM and llama.cpp take more).
+MAX_STOP_STRINGS = 32
+MAX_STOP_LENGTH = 512
 
 # Penalty input: a dense [B, V] count tensor, or per-row {token_id: count} dicts, or nothing.
 TokenCountsLike = Union[torch.Tensor, Sequence[Mapping[int, int]], None]
@@ -113,6 +117,9 @@ class SamplingParams:
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in stop):
+            raise ValueError(f"stop=({len(stop)} strings) is invalid: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_LENGTH} "
+                             f"characters each (got {len(stop)}, the longest {max(map(len, stop))})")
         object.__setattr__(self, "stop", tuple(stop))
 
         ids = () if self.stop_token_ids is None else self.stop_token_ids

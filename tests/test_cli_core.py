@@ -39,3 +39,35 @@ def test_synth_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
     out = gptoss("synth", str(tmp_path / "n"), "--layers", "0")
     assert out.returncode == 2 and "--layers" in out.stderr
+
+
+# -- bad arguments get one clear line, not a traceback --------------------------------------------
+
+def _refused(out, *words):
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+def test_bad_generate_prompts_are_refused(tiny_checkpoint):
+    _refused(gptoss("generate", str(tiny_checkpoint), "--prompt", ""), "--prompt is empty")
+    long_prompt = " word" * 5000  # past the tiny preset's context
+    _refused(gptoss("generate", str(tiny_checkpoint), "--prompt", long_prompt), "tokens per request")
+
+
+def test_bad_serve_arguments_are_refused_before_serving(tiny_checkpoint):
+    _refused(gptoss("serve", str(tiny_checkpoint), "--port", "70000"), "1 to 65535")
+    _refused(gptoss("serve", str(tiny_checkpoint), "--device", "tpu"), "not a torch device")
+    import torch
+    if not torch.cuda.is_available():
+        _refused(gptoss("serve", str(tiny_checkpoint), "--device", "cuda"), "--device cpu")
+    _refused(gptoss("serve", str(tiny_checkpoint), "--kv-cache-size", "10"), "holds 16 tokens", "at least")
+
+
+def test_bench_refuses_more_tokens_than_the_context(tiny_checkpoint):
+    from gptoss.config import ModelConfig
+
+    context = ModelConfig.preset("tiny").context_length
+    _refused(gptoss("bench", str(tiny_checkpoint), "--prompt-tokens", str(context), "--gen-tokens", "8"),
+             f"context of {context} tokens")

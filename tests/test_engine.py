@@ -370,3 +370,9 @@ def test_a_step_computes_exactly_its_real_tokens(model, monkeypatch):
     layers = model.config.num_hidden_layers
     assert expert_rows == [n for n in scheduled if n for _ in range(layers)]
     assert engine.runner.expert_rows == sum(scheduled) == engine.stats.batch_tokens == engine.stats.expert_rows
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(model):
+    engine = LLMEngine(model, kv_cache_size=256)
+    with pytest.raises(RequestError, match="not token ids of this model"):
+        engine.add_request([1, 2, 3], SamplingParams(stop_token_ids=(model.config.vocab_size + 5,)))

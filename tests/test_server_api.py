@@ -347,9 +347,13 @@ def test_over_capacity_requests_get_429_and_others_finish(client):
     engine.step_delay = 0.02
     limit = engine.max_num_seqs + 2  # max_queue=2
     statuses: list[int] = []
+    retry_after: list[str | None] = []
 
     def one():
-        statuses.append(chat(client, max_tokens=20, ignore_eos=True).status_code)
+        r = chat(client, max_tokens=20, ignore_eos=True)
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            retry_after.append(r.headers.get("retry-after"))
 
     threads = [threading.Thread(target=one) for _ in range(limit + 4)]
     for t in threads:
@@ -359,6 +363,7 @@ def test_over_capacity_requests_get_429_and_others_finish(client):
     assert statuses.count(429) >= 1
     assert statuses.count(200) >= limit - 1
     assert set(statuses) <= {200, 429}
+    assert retry_after and all(value == "1" for value in retry_after)  # clients know when to come back
     r = chat(client)  # still serving
     assert r.status_code == 200
 
@@ -570,3 +575,28 @@ def test_api_key_is_enforced():
         right = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer sekret"})
         assert right.status_code == 200
         assert c.get("/health").status_code == 200  # health and metrics stay open
+
+
+# -- limits on what one request may ask ---------------------------------------------------------------
+
+def test_a_body_over_the_limit_gets_413_before_parsing(client):
+    from gptoss.server.app import MAX_BODY_BYTES
+
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a" * MAX_BODY_BYTES}]})
+    r = client.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no content-length: counted as it arrives
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536].encode()
+
+    r = client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert chat(client).status_code == 200  # still serving
+
+
+def test_too_many_stop_strings_are_refused(client):
+    r = chat(client, stop=[f"s{i}" for i in range(10_000)])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    assert "at most 32" in r.json()["error"]["message"]
+    assert chat(client, stop=["a", "b", "c", "d"]).status_code == 200

@@ -116,6 +116,9 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise RequestError(f"prompt token ids must lie in [0, {vocab})")
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise RequestError(f"stop_token_ids {outside[:3]} are not token ids of this model (they lie in [0, {vocab}))")
         room = min(self.context_length, self.kv_cache_tokens) - len(prompt_token_ids)
         if room < 1:
             limit = min(self.context_length, self.kv_cache_tokens)

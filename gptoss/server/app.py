@@ -28,9 +28,28 @@ def _endpoint_label(path: str) -> str:
     return "other"
 
 
+# The largest request body read: more than a full 131k-token context of text, and less than what
+# makes the harmony tokenizer fail. Larger bodies get 413 before anything parses them.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _content_length(scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
 class APIMiddleware:
-    """Checks the API key on /v1/* and counts every answer by endpoint and status (pure ASGI, so
-    streaming and disconnect detection pass through untouched)."""
+    """Checks the API key on /v1/* and the body size, and counts every answer by endpoint and
+    status (pure ASGI, so streaming and disconnect detection pass through untouched)."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -46,17 +65,34 @@ class APIMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        async def answer(error: errors.APIError, *extra_headers) -> None:
+            body = json.dumps(error.body()).encode()
+            await send_counted({"type": "http.response.start", "status": error.status,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode()), *extra_headers]})
+            await send({"type": "http.response.body", "body": body})
+
+        received = 0
+
+        async def receive_bounded():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            return message
+
         try:
             if path.startswith("/v1/") and self.state.api_key and not self._authorized(scope):
-                error = errors.invalid_api_key()
-                body = json.dumps(error.body()).encode()
-                await send_counted({"type": "http.response.start", "status": error.status,
-                                    "headers": [(b"content-type", b"application/json"),
-                                                (b"content-length", str(len(body)).encode()),
-                                                (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await self.app(scope, receive, send_counted)
+                return await answer(errors.invalid_api_key(), (b"www-authenticate", b"Bearer"))
+            if _content_length(scope) > MAX_BODY_BYTES:
+                return await answer(errors.body_too_large(MAX_BODY_BYTES))
+            try:
+                await self.app(scope, receive_bounded, send_counted)
+            except _BodyTooLarge:
+                if status["code"] == 499:  # nothing answered yet
+                    await answer(errors.body_too_large(MAX_BODY_BYTES))
         finally:
             self.state.metrics.requests.inc(1, _endpoint_label(path), str(status["code"]))
 
@@ -113,6 +149,9 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+MIN_KV_CACHE_TOKENS = 1024  # less, and every chat request would be refused for length
+
+
 def build_state(path: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
                 kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
                 progress: bool = True, dense_int8: bool = False) -> ServerState:
@@ -126,6 +165,10 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
     encoding, text_encoding = harmony_encoding(path), tiktoken_encoding(path)  # fail fast on a missing vocab
     model = Model.from_pretrained(path, device=device, progress=progress, dense_int8=dense_int8)
     engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs)
+    smallest = min(MIN_KV_CACHE_TOKENS, model.config.context_length)
+    if engine.kv_cache_tokens < smallest:
+        raise ValueError(f"a KV cache of {kv_cache_size} holds {engine.kv_cache_tokens} tokens; the server needs room "
+                         f"for at least {smallest} (a chat prompt alone is about 100 tokens)")
     name = served_model_name or path.resolve().name
     return ServerState(AsyncEngine(engine, max_queue=max_queue), encoding, text_encoding, name, api_key)
 

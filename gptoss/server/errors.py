@@ -23,15 +23,16 @@ class APIError(Exception):
     """An error answered to the client: HTTP status plus the OpenAI error fields."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -43,9 +44,18 @@ def model_not_found(name: str) -> APIError:
                     param="model", code="model_not_found")
 
 
+RETRY_AFTER_SECONDS = 1  # a queue slot frees when any request finishes; clients back off from here
+
+
 def overloaded(limit: int) -> APIError:
     return APIError(429, f"The server is at capacity ({limit} requests running or queued); retry later.",
-                    type="rate_limit_error", code="rate_limit_exceeded")
+                    type="rate_limit_error", code="rate_limit_exceeded",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server accepts ({limit // 1024} KiB).",
+                    code="request_too_large")
 
 
 def invalid_api_key() -> APIError:
