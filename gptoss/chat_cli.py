@@ -41,8 +41,11 @@ class ChatSession:
         return True
 
     def answer(self, text: str) -> None:
+        """Stream the model's answer to `text`; a message the model cannot take (too long, bad
+        input) raises and leaves the conversation as it was, so the next message still works."""
+        stream = self.llm.chat_stream([*self.messages, {"role": "user", "content": text}],
+                                      reasoning_effort=self.effort, **self.sampling)
         self.messages.append({"role": "user", "content": text})
-        stream = self.llm.chat_stream(self.messages, reasoning_effort=self.effort, **self.sampling)
         channel = None
         try:
             for delta in stream:
@@ -95,7 +98,7 @@ def run_chat(args) -> int:
         try:
             session.answer(line)
         except (ChatFormatError, ValueError) as exc:
-            err.print(f"[red]error:[/red] {exc}")
+            err.print(f"[red]error:[/red] {exc} [dim](the message was not added to the conversation)[/dim]")
     return 0
 
 

@@ -7,7 +7,9 @@ internet. This module finds a verified copy first, in this order:
 2. the model folder: a published checkpoint ships ``tokenizer.json``, from which the ranks file is
    derived (and checked against the known sha256) into the per-user cache;
 3. the per-user cache (``$GPTOSS_CACHE`` or ``~/.cache/gptoss``, subfolder ``vocab``);
-4. the normal download, into the per-user cache.
+4. the demo model that ships inside the package: its ``tokenizer.json`` is the full o200k_harmony
+   one, so the vocabulary is derived from it the same way (every command works offline);
+5. the normal download, into the per-user cache.
 
 It also writes a Hugging Face ``tokenizer.json`` for the vocabulary, so that a random checkpoint
 looks like a published one.
@@ -198,6 +200,14 @@ def find_vocab_dir(model_path: str | Path | None = None) -> Path:
     if _read_verified(user_cache) is not None:
         return user_cache
     tried.append(f"per-user cache {user_cache} (no verified {VOCAB_FILE})")
+
+    try:  # the demo model ships inside the package with the full o200k_harmony tokenizer.json
+        from gptoss.demo import demo_model_path
+
+        shipped = demo_model_path() / "tokenizer.json"
+        return _store_in_cache(vocab_from_tokenizer_json(shipped), f"{shipped} (the demo model's)")
+    except Exception as err:  # a damaged install: fall through to the download
+        tried.append(f"the demo model's tokenizer.json (failed: {err})")
 
     try:
         downloaded = _download_vocab()

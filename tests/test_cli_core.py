@@ -71,3 +71,31 @@ def test_bench_refuses_more_tokens_than_the_context(tiny_checkpoint):
     context = ModelConfig.preset("tiny").context_length
     _refused(gptoss("bench", str(tiny_checkpoint), "--prompt-tokens", str(context), "--gen-tokens", "8"),
              f"context of {context} tokens")
+
+
+def test_chat_drops_a_message_that_fails_and_goes_on(tiny_checkpoint):
+    """A message too long for the context is refused once; it does not stay in the conversation
+    and make every later message fail too."""
+    stdin = " word" * 3000 + "\nHello\nHow are you?\n"
+    out = subprocess.run([sys.executable, "-m", "gptoss.cli", "chat", str(tiny_checkpoint), "--max-tokens", "4",
+                          "--temperature", "0"], input=stdin, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    stderr = " ".join(out.stderr.split())  # the console wraps long lines
+    assert stderr.count("error:") == 1 and "not added to the conversation" in stderr, out.stderr
+    assert out.stdout.count("finish:") == 2  # both later messages were answered
+
+
+def test_synth_works_offline_with_no_vocabulary_configured(tmp_path):
+    """No TIKTOKEN_ENCODINGS_BASE and an empty cache: the vocabulary comes from the demo model's
+    tokenizer.json inside the package, so the checkpoint gets its tokenizer.json and runs."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_ENCODINGS_BASE"}
+    env["GPTOSS_CACHE"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-m", "gptoss.cli", "synth", str(tmp_path / "m")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "tokenizer.json").exists(), out.stdout + out.stderr
+    run = subprocess.run([sys.executable, "-m", "gptoss.cli", "generate", str(tmp_path / "m"), "--prompt", "Hi",
+                          "--max-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr

@@ -61,6 +61,14 @@ def no_env_vocab(monkeypatch):
 
 
 @pytest.fixture
+def no_demo(monkeypatch, tmp_path):
+    """As if the package had no demo model (whose tokenizer.json is the last offline source)."""
+    import gptoss.demo
+
+    monkeypatch.setattr(gptoss.demo, "ARCHIVE", tmp_path / "no-demo.tar.xz")
+
+
+@pytest.fixture
 def no_download(monkeypatch):
     """Fail the download step the way an offline machine does, without touching the network."""
 
@@ -181,7 +189,13 @@ def test_malformed_tokenizer_json_is_an_error(tmp_path, document):
         tok.vocab_from_tokenizer_json(path)
 
 
-def test_nothing_available_says_what_to_do(tmp_path, private_cache, no_env_vocab, no_download):
+def test_the_demo_models_tokenizer_serves_when_nothing_else_does(tmp_path, private_cache, no_env_vocab,
+                                                                  no_download):
+    assert tok.find_vocab_dir(tmp_path) == private_cache / "vocab"
+    assert tok._read_verified(private_cache / "vocab") is not None
+
+
+def test_nothing_available_says_what_to_do(tmp_path, private_cache, no_env_vocab, no_download, no_demo):
     with pytest.raises(tok.TokenizerError) as raised:
         tok.find_vocab_dir(tmp_path)
     message = str(raised.value)
@@ -191,7 +205,7 @@ def test_nothing_available_says_what_to_do(tmp_path, private_cache, no_env_vocab
     assert "network disabled in tests" in message
 
 
-def test_download_is_verified_and_cached(private_cache, no_env_vocab, monkeypatch):
+def test_download_is_verified_and_cached(private_cache, no_env_vocab, no_demo, monkeypatch):
     good = (SHARED_VOCAB / tok.VOCAB_FILE).read_bytes()
     monkeypatch.setattr(tok, "_download_vocab", lambda: good[:-10])
     with pytest.raises(tok.TokenizerError, match="sha256"):
