@@ -160,12 +160,48 @@ def _assistant_turn(m: dict, where: str, call_names: dict[str, str], answered_la
     return out
 
 
+# User and tool texts longer than this are tokenized by tiktoken and spliced into harmony's
+# rendering: harmony's own tokenizer takes time superlinear in the length of a run of one
+# character (2 s for 50 KB of "a", over a minute for 300 KB) and holds the GIL meanwhile.
+LONG_TEXT = 2048
+
+
 def render_prompt(encoding, messages: list[dict], *, tools: list[dict] | None = None,
                   reasoning_effort: str = "medium", tool_choice=None) -> list[int]:
     """Prompt tokens for the next assistant turn; earlier reasoning is dropped as harmony does."""
+    messages, long_texts = _set_aside_long_texts(messages)
     conversation = build_conversation(messages, tools=tools, reasoning_effort=reasoning_effort,
                                       tool_choice=tool_choice)
-    return encoding.render_conversation_for_completion(conversation, Role.ASSISTANT)
+    tokens = encoding.render_conversation_for_completion(conversation, Role.ASSISTANT)
+    return _splice_long_texts(encoding, tokens, long_texts) if long_texts else tokens
+
+
+def _marker(i: int) -> str:
+    return f"@@gptoss-long-text-{i}@@"
+
+
+def _set_aside_long_texts(messages: list) -> tuple[list, list[str]]:
+    """Long user and tool texts replaced by markers (a user or tool message's text is rendered
+    alone between <|message|> and <|end|>, so tokenizing it apart gives the same tokens)."""
+    out, texts = [], []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str) and len(content) > LONG_TEXT and m.get("role") in ("user", "tool"):
+            m = {**m, "content": _marker(len(texts))}
+            texts.append(content)
+        out.append(m)
+    return out, texts
+
+
+def _splice_long_texts(encoding, tokens: list[int], texts: list[str]) -> list[int]:
+    from gptoss.tokenizer import END, MESSAGE, text_encoding_for
+
+    text_encoding = text_encoding_for(encoding)
+    for i, text in enumerate(texts):
+        marker = [MESSAGE, *text_encoding.encode_ordinary(_marker(i)), END]
+        at = next(j for j in range(len(tokens) - len(marker) + 1) if tokens[j:j + len(marker)] == marker)
+        tokens = tokens[:at + 1] + text_encoding.encode_ordinary(text) + tokens[at + len(marker) - 1:]
+    return tokens
 
 
 # -- parsing ------------------------------------------------------------------------------------

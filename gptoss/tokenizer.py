@@ -253,6 +253,9 @@ def _load_ranks(vocab_dir: Path) -> dict[bytes, int]:
 _ENV_LOCK = threading.Lock()
 
 
+_VOCAB_DIR_OF: dict[int, str] = {}  # id(harmony encoding) -> its vocabulary folder (they live forever)
+
+
 @functools.lru_cache(maxsize=None)
 def _harmony_for_dir(vocab_dir: str):
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
@@ -262,7 +265,9 @@ def _harmony_for_dir(vocab_dir: str):
         previous = os.environ.get(ENCODINGS_BASE_ENV)
         os.environ[ENCODINGS_BASE_ENV] = vocab_dir
         try:
-            return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+            encoding = load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
+            _VOCAB_DIR_OF[id(encoding)] = vocab_dir
+            return encoding
         except Exception as err:
             raise TokenizerError(f"openai-harmony could not load the vocabulary from {vocab_dir}: {err}") from err
         finally:
@@ -292,6 +297,12 @@ def _tiktoken_for_dir(vocab_dir: str):
 def tiktoken_encoding(model_path: str | Path | None = None):
     """A `tiktoken.Encoding` named o200k_harmony, for plain text encoding and decoding."""
     return _tiktoken_for_dir(str(find_vocab_dir(model_path)))
+
+
+def text_encoding_for(harmony) -> "tiktoken.Encoding":
+    """The tiktoken encoding of the same vocabulary as a harmony encoding from `harmony_encoding`."""
+    vocab_dir = _VOCAB_DIR_OF.get(id(harmony))
+    return _tiktoken_for_dir(vocab_dir) if vocab_dir else tiktoken_encoding()
 
 
 # --- Hugging Face tokenizer.json ----------------------------------------------------------------

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from openai_harmony import (Author, Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent,
                             ToolDescription)
 
+from gptoss import chat
 from gptoss.chat import ChatFormatError, StreamParser, parse_completion, render_prompt
 from gptoss.tokenizer import harmony_encoding
 
@@ -193,3 +194,25 @@ def test_a_long_answer_parses_whole(enc):
     body = enc.encode("word " * 4000)
     out = parse_completion(enc, enc.encode("<|channel|>final<|message|>", allowed_special="all") + body)
     assert out.content == "word " * 4000
+
+
+def test_long_texts_render_exactly_as_harmony_and_fast(enc, monkeypatch):
+    """Long user and tool texts are tokenized by tiktoken and spliced in: the same tokens as
+    harmony's own rendering (special-token text included), without its superlinear time."""
+    import time
+
+    texts = ["a" * 5000, "Hi <|end|><|start|>assistant<|channel|>final " * 200, "é😀 \n\t" * 1000]
+    for text in texts:
+        messages = [{"role": "user", "content": "What's the weather?"},
+                    {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                          "function": {"name": "get_weather", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": text},
+                    {"role": "user", "content": text + "?"}]
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        fast = chat.render_prompt(enc, messages, tools=tools)
+        monkeypatch.setattr(chat, "LONG_TEXT", 10**9)
+        assert chat.render_prompt(enc, messages, tools=tools) == fast
+        monkeypatch.undo()
+    start = time.perf_counter()
+    chat.render_prompt(enc, [{"role": "user", "content": "a" * 300_000}])  # harmony alone: over a minute
+    assert time.perf_counter() - start < 5

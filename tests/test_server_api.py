@@ -600,3 +600,26 @@ def test_too_many_stop_strings_are_refused(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
     assert "at most 32" in r.json()["error"]["message"]
     assert chat(client, stop=["a", "b", "c", "d"]).status_code == 200
+
+
+def test_health_answers_while_a_large_request_is_rendered(client):
+    """Rendering runs off the event loop: a ~1 MB prompt does not stall /health."""
+    done = threading.Event()
+    statuses = []
+
+    def big():  # rendered in full, then refused for length by the 4096-token stand-in engine
+        r = chat(client, messages=[{"role": "user", "content": "a" * 1_000_000}], max_tokens=1)
+        statuses.append((r.status_code, r.json()["error"]["code"]))
+        done.set()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    worst = 0.0
+    while not done.is_set():
+        start = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        worst = max(worst, time.perf_counter() - start)
+        time.sleep(0.01)
+    thread.join()
+    assert statuses == [(400, "context_length_exceeded")]
+    assert worst < 0.2, f"/health took {worst:.3f} s"

@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from gptoss import chat as harmony_chat
 from gptoss.server.async_engine import EngineFailed, RequestStream
@@ -244,7 +245,7 @@ async def create_chat_completion(request: Request):
     req = parse_body(await request.body(), ChatCompletionRequest)
     state.check_model(req.model)
     params = chat_sampling(req)
-    prompt = build_prompt(state, req)
+    prompt = await run_in_threadpool(build_prompt, state, req)  # off the event loop: /health stays quick
     request_id = random_id("chatcmpl-")
     streams = await state.submit([(prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)], arrival)
     choices = [ChoiceOutput(state.encoding, p, chat=True, prompt_tokens=len(prompt),

@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from gptoss.server.async_engine import EngineFailed, RequestStream
 from gptoss.server.errors import APIError, bad_request, parse_body
@@ -169,7 +170,7 @@ async def create_completion(request: Request):
     req = parse_body(await request.body(), CompletionRequest)
     state.check_model(req.model)
     params = completion_sampling(req)
-    prompts = prompts_of(state, req)
+    prompts = await run_in_threadpool(prompts_of, state, req)  # off the event loop
     n = len(params)
     request_id = random_id("cmpl-")
     jobs = [(prompt, p, f"{request_id}-{i * n + j}") for i, prompt in enumerate(prompts) for j, p in enumerate(params)]

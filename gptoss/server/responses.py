@@ -13,6 +13,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from gptoss.generation import Result
 from gptoss.server.async_engine import EngineFailed, RequestStream
@@ -347,7 +348,8 @@ async def create_response(request: Request):
     tools = [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
              for t in req.tools or []]
     effort = (req.reasoning.effort if req.reasoning else None) or "medium"
-    prompt = render(state, messages, tools=tools, effort=effort, tool_choice=tool_choice_value(req), param="input")
+    prompt = await run_in_threadpool(lambda: render(state, messages, tools=tools, effort=effort,
+                                                    tool_choice=tool_choice_value(req), param="input"))
     response_id = random_id("resp_")
     (stream,) = await state.submit([(prompt, params, response_id)], arrival, param="input")
     choice = ChoiceOutput(state.encoding, params, chat=True, prompt_tokens=len(prompt), token_bytes=state.token_bytes)
