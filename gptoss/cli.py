@@ -178,7 +178,8 @@ def cmd_serve(args) -> None:
     try:
         state = build_state(args.path, served_model_name=args.served_model_name, api_key=args.api_key,
                             kv_cache_size=args.kv_cache_size, max_num_seqs=args.max_num_seqs,
-                            max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8)
+                            max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8,
+                            strict_params=args.strict_params)
     except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
         raise UsageError(str(exc)) from None
     run(state, host=args.host, port=args.port, log_level=args.log_level)
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot; more get 429")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--strict-params", action="store_true",
+                   help="refuse unknown request fields with 400 (default: ignore them with a logged warning)")
     p.add_argument("--dense-int8", action="store_true",
                    help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
     p.set_defaults(func=cmd_serve)

@@ -286,7 +286,6 @@ def test_chat_response_formats(client):
 
 @pytest.mark.parametrize("body, status, param", [
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "bogus": 1}, 400, "bogus"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
@@ -623,3 +622,45 @@ def test_health_answers_while_a_large_request_is_rendered(client):
     thread.join()
     assert statuses == [(400, "context_length_exceeded")]
     assert worst < 0.2, f"/health took {worst:.3f} s"
+
+
+# -- compatibility with what other servers' clients send ------------------------------------------------
+
+def test_unknown_top_level_fields_are_ignored_unless_strict(client, caplog):
+    with caplog.at_level("WARNING", logger="gptoss.server"):
+        r = chat(client, session_id="abc", request_id="r-1")
+    assert r.status_code == 200
+    assert "session_id" in caplog.text and "request_id" in caplog.text
+    r = chat(client, messages=[{"role": "user", "content": "Hi"}], temperature="hot", session_id="x")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"  # other errors still count
+
+    engine = ScriptedEngine(REASON_THEN_ANSWER)
+    state = ServerState(AsyncEngine(engine, max_queue=2, metrics=ServerMetrics()), harmony_encoding(),
+                        tiktoken_encoding(), MODEL, strict_params=True)
+    with TestClient(create_app(state)) as strict:
+        r = chat(strict, session_id="abc")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "session_id"
+
+
+def test_reasoning_also_comes_as_reasoning(client):
+    message = chat(client).json()["choices"][0]["message"]
+    assert message["reasoning"] == message["reasoning_content"] == "Let me think."
+    events = sse_events(chat(client, stream=True).text)
+    deltas = [json.loads(data)["choices"][0]["delta"] for _, data in events if data != "[DONE]"
+              and json.loads(data)["choices"]]
+    pieces = [d for d in deltas if "reasoning_content" in d]
+    assert pieces and all(d["reasoning"] == d["reasoning_content"] for d in pieces)
+
+
+def test_responses_take_a_top_level_reasoning_effort_and_check_previous_ids(client):
+    body = {"model": MODEL, "input": "Hi", "reasoning_effort": "low"}
+    assert client.post("/v1/responses", json=body).status_code == 200
+    r = client.post("/v1/responses", json={**body, "previous_response_id": "not an id"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+    r = client.post("/v1/responses", json={**body, "previous_response_id": "resp_doesnotexist"})
+    assert r.status_code == 404
+
+
+def test_model_card_has_root(client):
+    card = client.get(f"/v1/models/{MODEL}").json()
+    assert "root" in card and card["id"] == MODEL

@@ -124,6 +124,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     def model_card() -> dict:
         return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "gptoss",
+                "root": state.model_root, "parent": None,
                 "max_model_len": min(state.engine.context_length, state.engine.kv_cache_tokens)}
 
     @app.get("/v1/models")
@@ -154,7 +155,7 @@ MIN_KV_CACHE_TOKENS = 1024  # less, and every chat request would be refused for 
 
 def build_state(path: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
                 kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
-                progress: bool = True, dense_int8: bool = False) -> ServerState:
+                progress: bool = True, dense_int8: bool = False, strict_params: bool = False) -> ServerState:
     """Load the model and wrap it for serving."""
     from gptoss.engine.engine import LLMEngine
     from gptoss.model import Model
@@ -170,7 +171,8 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
         raise ValueError(f"a KV cache of {kv_cache_size} holds {engine.kv_cache_tokens} tokens; the server needs room "
                          f"for at least {smallest} (a chat prompt alone is about 100 tokens)")
     name = served_model_name or path.resolve().name
-    return ServerState(AsyncEngine(engine, max_queue=max_queue), encoding, text_encoding, name, api_key)
+    return ServerState(AsyncEngine(engine, max_queue=max_queue), encoding, text_encoding, name, api_key,
+                       strict_params=strict_params, model_root=str(path.resolve()))
 
 
 def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -1,6 +1,6 @@
 """POST /v1/chat/completions: harmony chat with reasoning, tools, streaming and n choices.
 
-Reasoning (the analysis channel) comes back as `reasoning_content`, beside `content`. With
+Reasoning (the analysis channel) comes back as `reasoning_content` and as `reasoning`, beside `content`. With
 `logprobs`, every generated token is listed (reasoning, harmony headers and the answer), since
 all of them are sampled; a stream attaches each token's entry to the next chunk it sends.
 """
@@ -135,8 +135,8 @@ def chat_sampling(req: ChatCompletionRequest):
 
 def delta_of(piece: Piece) -> dict:
     seg = piece.segment
-    if seg.kind == "reasoning":
-        return {"reasoning_content": piece.text}
+    if seg.kind == "reasoning":  # both names: vLLM's reasoning_content, and reasoning (OpenRouter, Ollama, newer vLLM)
+        return {"reasoning_content": piece.text, "reasoning": piece.text}
     if seg.kind == "text":
         return {"content": piece.text}
     call: dict = {"index": seg.tool_index}
@@ -153,7 +153,7 @@ def message_of(choice: ChoiceOutput) -> dict:
     calls = [{"id": s.call_id, "type": "function", "function": {"name": s.name, "arguments": s.text}}
              for s in choice.tool_calls]
     message = {"role": "assistant", "content": text if (text or not calls) else None,
-               "reasoning_content": reasoning or None, "refusal": None}
+               "reasoning_content": reasoning or None, "reasoning": reasoning or None, "refusal": None}
     if calls:
         message["tool_calls"] = calls
     return message
@@ -242,7 +242,7 @@ class ChatCompletion:
 async def create_chat_completion(request: Request):
     state: ServerState = request.app.state.server
     arrival = time.monotonic()
-    req = parse_body(await request.body(), ChatCompletionRequest)
+    req = parse_body(await request.body(), ChatCompletionRequest, strict_fields=state.strict_params)
     state.check_model(req.model)
     params = chat_sampling(req)
     prompt = await run_in_threadpool(build_prompt, state, req)  # off the event loop: /health stays quick

@@ -167,7 +167,7 @@ class Completion:
 async def create_completion(request: Request):
     state: ServerState = request.app.state.server
     arrival = time.monotonic()
-    req = parse_body(await request.body(), CompletionRequest)
+    req = parse_body(await request.body(), CompletionRequest, strict_fields=state.strict_params)
     state.check_model(req.model)
     params = completion_sampling(req)
     prompts = await run_in_threadpool(prompts_of, state, req)  # off the event loop

@@ -75,11 +75,23 @@ def from_value_error(exc: ValueError, param: str | None = None) -> APIError:
 
 # -- request bodies ----------------------------------------------------------------------------
 
-def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
-    """Parse and validate a JSON body strictly (no string-to-number coercion); APIError if bad."""
+def parse_body(raw: bytes, model: type[BaseModel], *, strict_fields: bool = True) -> Any:
+    """Parse and validate a JSON body strictly (no string-to-number coercion); APIError if bad.
+
+    With strict_fields=False, unknown top-level fields (clients send session_id, request_id, ...)
+    are dropped with one logged warning instead of refused, as the reference server and vLLM do."""
     try:
         return model.model_validate_json(raw or b"", strict=True)
     except ValidationError as exc:
+        if not strict_fields:
+            unknown = [e["loc"][0] for e in exc.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+            if unknown:
+                data = json.loads(raw)  # validated as an object with these keys already
+                for name in unknown:
+                    data.pop(name, None)
+                log.warning("ignored unknown request fields %s (serve --strict-params refuses them)",
+                            ", ".join(map(str, unknown)))
+                return parse_body(json.dumps(data).encode(), model)  # the other problems, if any, raise here
         raise validation_error(exc, raw) from None
 
 

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible API, as strict pydantic models.
 
-Bodies are validated from JSON in strict mode: a string is never read as a number, unknown
-top-level fields are refused (the official client sends only the fields a caller sets), and the
-error names the offending field (see errors.py). Message and item objects ignore unknown fields,
+Bodies are validated from JSON in strict mode: a string is never read as a number, and the
+error names the offending field (see errors.py). Unknown top-level fields are dropped with a
+logged warning (clients of other servers send session_id, request_id, ...), or refused with
+`serve --strict-params`. Message and item objects ignore unknown fields,
 because clients echo back whole response objects (refusal, annotations, status, ...).
 Responses are plain dicts built by the endpoint modules.
 
@@ -247,6 +248,7 @@ class ResponsesRequest(SamplingFields):
     input: str | list[InputItem]
     instructions: str | None = None
     reasoning: Reasoning | None = None
+    reasoning_effort: Effort | None = None  # top level, as the gpt-oss reference server and vLLM take it
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | ResponsesNamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

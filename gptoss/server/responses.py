@@ -8,6 +8,7 @@ continues it.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import AsyncIterator
 
@@ -328,11 +329,14 @@ class ResponseRun:
 async def create_response(request: Request):
     state: ServerState = request.app.state.server
     arrival = time.monotonic()
-    req = parse_body(await request.body(), ResponsesRequest)
+    req = parse_body(await request.body(), ResponsesRequest, strict_fields=state.strict_params)
     state.check_model(req.model)
     params = responses_sampling(req)
     conversation: list[dict] = []
     if req.previous_response_id:
+        if not re.fullmatch(r"resp_[A-Za-z0-9_-]{1,128}", req.previous_response_id):
+            raise bad_request(f"Invalid 'previous_response_id': {req.previous_response_id[:64]!r}. Expected an ID "
+                              f"that begins with 'resp_'.", "previous_response_id")
         stored = state.responses.get(req.previous_response_id)
         if stored is None:
             raise APIError(404, f"Previous response with id '{req.previous_response_id}' not found.",
@@ -347,7 +351,7 @@ async def create_response(request: Request):
         messages = add_instructions(conversation, instructions)
     tools = [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
              for t in req.tools or []]
-    effort = (req.reasoning.effort if req.reasoning else None) or "medium"
+    effort = (req.reasoning.effort if req.reasoning else None) or req.reasoning_effort or "medium"
     prompt = await run_in_threadpool(lambda: render(state, messages, tools=tools, effort=effort,
                                                     tool_choice=tool_choice_value(req), param="input"))
     response_id = random_id("resp_")

@@ -41,6 +41,8 @@ class ServerState:
     text_encoding: Any  # tiktoken encoding
     model_name: str
     api_key: str | None = None
+    strict_params: bool = False  # refuse unknown top-level request fields (default: ignore them, with a warning)
+    model_root: str | None = None  # where the model was loaded from (/v1/models "root")
     created: int = field(default_factory=lambda: int(time.time()))
     responses: ResponseStore = field(default_factory=ResponseStore)
 
