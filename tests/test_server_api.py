@@ -664,3 +664,23 @@ def test_responses_take_a_top_level_reasoning_effort_and_check_previous_ids(clie
 def test_model_card_has_root(client):
     card = client.get(f"/v1/models/{MODEL}").json()
     assert "root" in card and card["id"] == MODEL
+
+
+@pytest.mark.parametrize("kind", ["web_search", "code_interpreter", "mcp"])
+def test_built_in_tool_types_are_refused_by_name(client, kind):
+    for path, body in (("/v1/responses", {"model": MODEL, "input": "Hi", "tools": [{"type": kind}]}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                 "tools": [{"type": kind}]})):
+        error = client.post(path, json=body).json()["error"]
+        assert error["code"] == "unsupported_tool_type" and error["param"] == "tools[0].type"
+        assert kind in error["message"] and "not supported" in error["message"]
+
+
+def test_a_turn_with_an_empty_answer_still_has_a_message_item(client):
+    client.engine.script = with_stop(assistant_tokens(analysis("Nothing to add.")), RETURN)
+    r = client.post("/v1/responses", json={"model": MODEL, "input": "Hi"}).json()
+    assert [item["type"] for item in r["output"]] == ["reasoning", "message"]
+    assert r["output"][1]["content"][0]["text"] == ""
+    events = sse_events(client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "stream": True}).text)
+    done = [json.loads(data) for name, data in events if name == "response.completed"][0]["response"]
+    assert done["output"][-1]["type"] == "message"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -113,6 +114,10 @@ def validation_error(exc: ValidationError, raw: bytes) -> APIError:
         return bad_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
     if kind == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    if kind == "literal_error" and re.fullmatch(r"tools\[\d+\]\.type", param):
+        return bad_request(f"Tool type {err.get('input')!r} is not supported: gptoss runs function tools "
+                           f"(type 'function') that the client executes; built-in tools such as web_search, "
+                           f"code_interpreter, file_search or mcp are not available.", param, "unsupported_tool_type")
     if kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid", "enum"):
         return bad_request(f"Invalid value for '{param}': {err['msg']}.", param, "invalid_type"
                            if kind.endswith("_type") else "invalid_value")

@@ -140,6 +140,13 @@ class ResponseBuilder:
             item["phase"] = "commentary"
         return item
 
+    def empty_answer(self) -> dict:
+        """The message item of a turn whose final answer is empty (the model only reasoned)."""
+        if "empty" not in self.__dict__:
+            self.empty = random_id("msg_")
+        return {"id": self.empty, "type": "message", "role": "assistant", "status": "completed",
+                "content": [self._text_part("", None)]}
+
     def _text_part(self, text: str, logprobs) -> dict:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": self._logprobs(logprobs)}
 
@@ -155,6 +162,8 @@ class ResponseBuilder:
             last = len(self.choice.segments) - 1
             output = [self.item(s, "incomplete" if status == "incomplete" and s.index == last else "completed")
                       for s in self.choice.segments]
+            if status == "completed" and not any(s.kind in ("text", "tool_call") for s in self.choice.segments):
+                output.append(self.empty_answer())  # clients (the Agents SDK) look for the turn's message
         req = self.req
         tools = [dict(t.model_dump(exclude_none=True), strict=bool(t.strict)) for t in req.tools or []]
         choice = req.tool_choice
