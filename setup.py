@@ -38,6 +38,10 @@ class BuildKernels(build_ext):
             print(f"warning: gptoss CPU kernels not built ({e}); gptoss will build them at first use, "
                   f"or run its plain-torch path", file=sys.stderr)
 
+    def copy_extensions_to_source(self):  # editable installs: copy only what was built
+        if all(Path(self.get_ext_fullpath(ext.name)).exists() for ext in self.extensions):
+            super().copy_extensions_to_source()
+
 
 class PlatformWheel(bdist_wheel):
     """No Python ABI is involved: any Python 3 on this platform."""

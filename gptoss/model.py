@@ -287,7 +287,7 @@ def check_dense_int8(device: torch.device, config: ModelConfig) -> None:
 
     if device.type != "cpu":
         raise ConfigError("--dense-int8 is a CPU option; on a GPU the dense weights stay bf16")
-    if not cpu.int8_activations_supported():
+    if not cpu.dense_int8_supported():
         raise ConfigError("--dense-int8 needs a CPU with AVX-512 VNNI and VBMI (and the gptoss CPU kernels); "
                          "this one runs the bf16 weights faster: leave the option out")
     for name, width in (("hidden_size", config.hidden_size), ("q_dim", config.q_dim)):

@@ -302,16 +302,33 @@ def test_moe_wide_scales_and_zero_blocks(isa):
     close(cpu.moe_experts(x, idx, wts, ew), reference.moe_experts(x, idx, wts, ew), torch.float32)
 
 
-# The int8-activation path (AVX-512 VNNI + VBMI): against the reference fed the same int8 rounding.
-needs_int8 = pytest.mark.skipif(not cpu.int8_activations_supported(), reason="this CPU has no AVX-512 VNNI/VBMI")
+# The int8-activation path: against the reference fed the same int8 rounding, on each family of
+# int8 kernels this CPU runs (AVX-512 VNNI + VBMI; AVX-VNNI; AVX2's vpmaddubsw).
+needs_int8 = pytest.mark.skipif(not cpu.int8_activations_supported(), reason="this CPU has no int8 kernels")
+INT8_PATHS = ("avx512-vnni", "avx-vnni", "avx2")
 
 
-@pytest.fixture
-def int8_always():
-    before = cpu.int8_activations()
+@pytest.fixture(params=INT8_PATHS)
+def int8_always(request):
+    """One int8 kernel family, with int8 activations for every input (fp32 too)."""
+    path, supported = request.param, cpu.supported_isas()
+    if path == "avx512-vnni":
+        isa = next((name for name in ("avx512bf16", "avx512") if name in supported), None)
+        runs = isa is not None and cpu.has_vnni_vbmi()
+    else:
+        isa = "avx2" if "avx2" in supported else None
+        runs = isa is not None and (path == "avx2" or cpu.has_avx_vnni())
+    if not runs:
+        pytest.skip(f"this CPU has no {path} int8 kernels")
+    before_isa, before_mode = cpu.isa(), cpu.int8_activations()
+    cpu.set_isa(isa)
+    cpu.use_avx_vnni(path != "avx2")
     cpu.set_int8_activations("always")
-    yield
-    cpu.set_int8_activations(before)
+    assert cpu.int8_kernels() == path
+    yield path
+    cpu.set_isa(before_isa)
+    cpu.use_avx_vnni(True)
+    cpu.set_int8_activations(before_mode)
 
 
 def test_round_to_int8_blocks():
@@ -323,7 +340,6 @@ def test_round_to_int8_blocks():
     assert r[0, 64] == 127.0 and r[0, 65] == 64.0 and r[0, 66] == -1.0  # 63.5 ties to even
 
 
-@needs_int8
 @pytest.mark.parametrize("n", [1, 3, 4, 5, 17, 40])
 @pytest.mark.parametrize("h,i", [(96, 64), (160, 32), (608, 544), (2880, 64)])
 def test_moe_int8_activations_match_the_reference(int8_always, n, h, i):
@@ -350,7 +366,6 @@ def assert_int8_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert exact_rows >= 0.9, exact_rows
 
 
-@needs_int8
 def test_moe_int8_is_the_same_alone_and_in_a_batch(int8_always):
     """A token gets the same output through the matrix-vector kernel (alone) and a tile (batch)."""
     ew = make_experts(2, 2880, 64, torch.float32, 1)
@@ -362,7 +377,6 @@ def test_moe_int8_is_the_same_alone_and_in_a_batch(int8_always):
     torch.testing.assert_close(batch[:1], alone, rtol=1e-6, atol=1e-6 * alone.abs().max().item())
 
 
-@needs_int8
 def test_moe_int8_extreme_scales_and_zero_blocks(int8_always):
     g = torch.Generator().manual_seed(9)
     w_gu = torch.randn(2, 64, 64, generator=g) * torch.logspace(-12, 12, 64)[None, None, :]
@@ -379,7 +393,6 @@ def test_moe_int8_extreme_scales_and_zero_blocks(int8_always):
     assert_int8_close(out, ref)
 
 
-@needs_int8
 def test_moe_int8_nan_propagates_and_tiny_blocks_flush_to_zero(int8_always):
     """A NaN activation gives NaN (as the reference), a block below 3.7e-37 rounds to zeros (as the reference)."""
     ew = make_experts(2, 64, 64, torch.float32, 7)

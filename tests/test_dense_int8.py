@@ -13,7 +13,7 @@ from gptoss.config import ConfigError
 from gptoss.model import Int8Linear, Model
 from gptoss.ops import cpu
 
-needs_int8 = pytest.mark.skipif(not cpu.int8_activations_supported(), reason="this CPU has no AVX-512 VNNI/VBMI")
+needs_int8 = pytest.mark.skipif(not cpu.dense_int8_supported(), reason="this CPU has no AVX-512 VNNI/VBMI")
 
 
 @needs_int8
@@ -47,7 +47,7 @@ def test_dense_int8_decodes_with_the_cache_like_a_full_forward(tiny_checkpoint):
 
 
 def test_dense_int8_is_refused_clearly_where_it_cannot_run(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(cpu, "int8_activations_supported", lambda: False)
+    monkeypatch.setattr(cpu, "dense_int8_supported", lambda: False)
     with pytest.raises(ConfigError, match="AVX-512 VNNI"):
         Model.from_pretrained(tiny_checkpoint, dense_int8=True)
 

@@ -63,7 +63,8 @@ def _installed_library() -> Path | None:
 
 
 def _open(path: Path) -> ctypes.CDLL:
-    """Load and check the library (its interface version and which source built it)."""
+    """Load the library and check its interface version (its functions are declared once the
+    caller knows it was built from this source)."""
     import torch  # noqa: F401  (torch's OpenMP runtime is loaded first, so the library shares it)
 
     lib = ctypes.CDLL(str(path))
@@ -71,7 +72,6 @@ def _open(path: Path) -> ctypes.CDLL:
         raise RuntimeError(f"{path} has interface version {lib.gptoss_abi_version()}, this gptoss needs {ABI_VERSION}")
     lib.gptoss_source_hash.restype = ctypes.c_char_p
     lib.gptoss_last_error.restype = ctypes.c_char_p
-    _declare(lib)
     return lib
 
 
@@ -89,6 +89,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "gptoss_read_probe": [p, i64, i],
         "gptoss_set_isa": [i],
         "gptoss_set_int8_activations": [i],
+        "gptoss_use_avx_vnni": [i],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
@@ -98,12 +99,15 @@ def _declare(lib: ctypes.CDLL) -> None:
 def _find_and_open() -> tuple[ctypes.CDLL, str]:
     wanted = os.environ.get("GPTOSS_KERNELS_LIBRARY", "").strip()
     if wanted and wanted != "build":
-        return _open(Path(wanted)), wanted
+        lib = _open(Path(wanted))
+        _declare(lib)
+        return lib, wanted
     tag = source_hash()
     installed = _installed_library()
     if installed is not None and wanted != "build":
         lib = _open(installed)
         if lib.gptoss_source_hash().decode() == tag:
+            _declare(lib)
             return lib, str(installed)
         log.info("the installed CPU kernels were built from another kernels.cpp; building this one")
     built = cache_dir() / f"gptoss_kernels_{tag}.so"
@@ -112,7 +116,9 @@ def _find_and_open() -> tuple[ctypes.CDLL, str]:
         start = time.perf_counter()
         compile_library(built)
         log.info("built gptoss CPU kernels in %.1f s (%s)", time.perf_counter() - start, built)
-    return _open(built), str(built)
+    lib = _open(built)
+    _declare(lib)
+    return lib, str(built)
 
 
 def _apply_env(setter, variable: str) -> None:
@@ -212,10 +218,39 @@ def set_int8_activations(mode: str) -> None:
     lib.gptoss_set_int8_activations(INT8_MODES.index(mode))
 
 
-def int8_activations_supported() -> bool:
-    """True when this CPU has AVX-512 VNNI and VBMI and an avx512 path is in use (not forced to avx2/scalar)."""
+INT8_KERNELS = ("none", "avx2", "avx-vnni", "avx512-vnni")
+
+
+def int8_kernels() -> str:
+    """The int8 expert kernels the current path runs: avx512-vnni (VNNI + VBMI), avx-vnni, avx2
+    (vpmaddubsw), or none (scalar path, or no library)."""
     lib = _load()
-    return lib is not None and bool(lib.gptoss_has_vnni_vbmi()) and lib.gptoss_get_isa() >= ISAS.index("avx512")
+    return INT8_KERNELS[lib.gptoss_int8_kernels()] if lib is not None else "none"
+
+
+def int8_activations_supported() -> bool:
+    """True when the current path has int8 expert kernels (AVX2 or better)."""
+    return int8_kernels() != "none"
+
+
+def dense_int8_supported() -> bool:
+    """True when --dense-int8 has its kernels: AVX-512 VNNI and VBMI on an avx512 path."""
+    return int8_kernels() == "avx512-vnni"
+
+
+def use_avx_vnni(on: bool) -> None:
+    """Let the avx2 path use AVX-VNNI where the CPU has it (the default), or not (tests)."""
+    _required().gptoss_use_avx_vnni(int(on))
+
+
+def has_avx_vnni() -> bool:
+    lib = _load()
+    return lib is not None and bool(lib.gptoss_has_avx_vnni())
+
+
+def has_vnni_vbmi() -> bool:
+    lib = _load()
+    return lib is not None and bool(lib.gptoss_has_vnni_vbmi())
 
 
 # -- the ops ---------------------------------------------------------------------------------------
@@ -429,6 +464,7 @@ def read_probe(t: torch.Tensor) -> int:
 
 
 __all__ = ["available", "unavailable_reason", "library_path", "isa", "supported_isas", "set_isa", "int8_activations",
-           "set_int8_activations", "int8_activations_supported", "linear", "rms_norm", "rotary", "linear_int8",
+           "set_int8_activations", "int8_activations_supported", "int8_kernels", "dense_int8_supported",
+           "use_avx_vnni", "has_avx_vnni", "has_vnni_vbmi", "linear", "rms_norm", "rotary", "linear_int8",
            "quantize_rows_int8", "moe_experts", "attention", "mxfp4_dequantize", "read_probe", "compile_library",
            "source_hash", "cache_dir"]

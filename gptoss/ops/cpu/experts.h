@@ -137,22 +137,28 @@ static void q8_pack_inputs(std::vector<ExpertGroup>& groups, const T* src, int64
   });
 }
 
-static void q8_expert_projection(const std::vector<ExpertGroup>& groups, const uint8_t* blocks, const uint8_t* scales,
-                                 int64_t rows, int64_t K, const uint8_t* xbuf, float* y, int64_t ldy) {
+static void q8_expert_projection(Q8Kind kind, const std::vector<ExpertGroup>& groups, const uint8_t* blocks,
+                                 const uint8_t* scales, int64_t rows, int64_t K, const uint8_t* xbuf, float* y,
+                                 int64_t ldy) {
   const int64_t nblk = K / 32;
   for_each_projection_unit(groups, blocks, scales, rows, nblk, y, ldy, [&](const ProjectionUnit& un,
                            const ExpertGroup& grp, const uint8_t* eb, const uint8_t* es, float* yg,
                            std::vector<float>& scratch) {
     if (grp.fused) {
-      q8_rows(Q8Args{eb, es, nblk, xbuf + grp.x_off, grp.count, yg, ldy}, un.r0, un.r1);
+      q8_rows(kind, Q8Args{eb, es, nblk, xbuf + grp.x_off, grp.count, yg, ldy}, un.r0, un.r1);
       return;
     }
     const int64_t nr = un.r1 - un.r0, nr4 = (nr + 3) / 4 * 4;
     scratch.assign(nr4 * K / 4 + nr4 * nblk, 0.f);  // the byte tile, then its scales
     uint8_t* tile = reinterpret_cast<uint8_t*>(scratch.data());
     float* ws = scratch.data() + nr4 * K / 4;
-    decode_rows_q8(eb + un.r0 * nblk * 16, es + un.r0 * nblk, nblk, nr, tile, ws);
-    q8_gemm_tile(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
+    if (kind == Q8Kind::Vnni512) {
+      decode_rows_q8(eb + un.r0 * nblk * 16, es + un.r0 * nblk, nblk, nr, tile, ws);
+      q8_gemm_tile(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
+    } else {
+      decode_rows_q8_avx2(eb + un.r0 * nblk * 16, es + un.r0 * nblk, nblk, nr, tile, ws);
+      q8_gemm_tile_avx2(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
+    }
   });
 }
 
@@ -218,7 +224,7 @@ static void moe_experts_impl(const void* x, bool x_bf16, const int64_t* ip, cons
         q8_pack_inputs(groups, static_cast<const bf16_t*>(x), H, tok.data(), qbuf);
       else
         q8_pack_inputs(groups, static_cast<const float*>(x), H, tok.data(), qbuf);
-      q8_expert_projection(groups, gub, gus, I2, H, qbuf.data(), h.data(), I2);
+      q8_expert_projection(q8_kind(isa), groups, gub, gus, I2, H, qbuf.data(), h.data(), I2);
     } else {
       if (x_bf16)
         pack_inputs(kind, groups, static_cast<const bf16_t*>(x), H, tok.data(), xbuf);
@@ -243,7 +249,7 @@ static void moe_experts_impl(const void* x, bool x_bf16, const int64_t* ip, cons
     y.resize(rows_total * H);
     if (q8) {
       q8_pack_inputs(groups, act.data(), I, nullptr, qbuf);
-      q8_expert_projection(groups, dnb, dns, H, I, qbuf.data(), y.data(), H);
+      q8_expert_projection(q8_kind(isa), groups, dnb, dns, H, I, qbuf.data(), y.data(), H);
     } else {
       pack_inputs(kind, groups, act.data(), I, nullptr, xbuf);
       expert_projection(isa, kind, groups, dnb, dns, H, I, xbuf.data(),

@@ -1,4 +1,5 @@
-// gptoss CPU kernels: int8 products: MXFP4 x int8 activations (VNNI) and the --dense-int8 projections.
+// gptoss CPU kernels: int8 products: MXFP4 x int8 activations (AVX-512 VNNI, AVX-VNNI, AVX2) and the
+// --dense-int8 projections (AVX-512 VNNI).
 // Part of one translation unit: included by kernels.cpp, in order, inside namespace gptoss.
 #pragma once
 
@@ -34,10 +35,6 @@ static bool cpu_has_vnni_vbmi() {
 }
 static const bool g_has_vnni = cpu_has_vnni_vbmi();
 
-static bool use_int8_activations(Isa isa, bool x_bf16) {
-  if (!g_has_vnni || isa < Isa::Avx512) return false;
-  return g_int8_act == Int8Activations::Always || (g_int8_act == Int8Activations::Bf16 && x_bf16);
-}
 
 
 
@@ -172,16 +169,6 @@ T_VNNI static void q8_gemv_rows(const Q8Args& a, int64_t m, int64_t n0, int64_t 
   }
 }
 
-static void q8_rows(const Q8Args& a, int64_t n0, int64_t n1) {
-  for (int64_t m = 0; m < a.M; m += 4) {
-    switch (std::min<int64_t>(4, a.M - m)) {
-      case 1: q8_gemv_rows<1>(a, m, n0, n1); break;
-      case 2: q8_gemv_rows<2>(a, m, n0, n1); break;
-      case 3: q8_gemv_rows<3>(a, m, n0, n1); break;
-      default: q8_gemv_rows<4>(a, m, n0, n1); break;
-    }
-  }
-}
 
 // Many tokens: the expert's rows are decoded once per call into a byte tile (2 * value + 12,
 // natural order) with their scales as floats, and multiplied with tokens packed 16 at a time:
@@ -295,6 +282,230 @@ static void q8_gemm_tile(const uint8_t* w, const float* ws, int64_t rows, const 
       m0 += cw;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MXFP4 x int8 activations on AVX2 (and AVX-512 CPUs without VNNI/VBMI): the same prepared
+// activations and the same exact integer block sums, 32 bytes at a time. vpshufb turns nibbles
+// into the bytes 2 * value + 12 (a 16-entry table, so no VBMI), vpmaddubsw multiplies them with
+// the int8 activations into pairs of 16-bit sums (at most 2 * 24 * 127 each: no saturation, and
+// the even and odd halves of a chunk add up to at most 12192), vpmaddwd widens to 32 bits. Where
+// the CPU has AVX-VNNI, the decode kernel uses vpdpbusd (VEX) for the three; the integer sums are
+// the same. Prefill tiles keep vpmaddubsw (see q8_gemm_mk_avx2).
+
+enum class Q8Kind : int { None = 0, Avx2 = 1, AvxVnni = 2, Vnni512 = 3 };
+
+static bool cpu_has_avx_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avxvnni");
+#else
+  return false;
+#endif
+}
+static const bool g_has_avx_vnni = cpu_has_avx_vnni();
+static bool g_use_avx_vnni = g_has_avx_vnni;  // tests turn it off to run the vpmaddubsw kernels
+
+// Which int8 kernels an ISA path runs (None: the int8-activation path is off).
+static Q8Kind q8_kind(Isa isa) {
+  if (isa >= Isa::Avx512 && g_has_vnni) return Q8Kind::Vnni512;
+  if (isa >= Isa::Avx2) return g_use_avx_vnni ? Q8Kind::AvxVnni : Q8Kind::Avx2;
+  return Q8Kind::None;
+}
+
+// 8 lanes of 4-byte dot products (u8 weights, s8 activations) of two pairs of vectors, added to acc.
+T_AVX2 static INLINE __m256i dot4x2_avx2(__m256i acc, __m256i w0, __m256i q0, __m256i w1, __m256i q1) {
+  const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(w0, q0), _mm256_maddubs_epi16(w1, q1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+}
+// AVX-VNNI's vpdpbusd, written as assembly so that the AVX2 code around it needs no extra target
+// (it runs only where the CPU reports avxvnni).
+T_AVX2 static INLINE __m256i dpbusd_vex(__m256i acc, __m256i w, __m256i q) {
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(w), "x"(q));
+  return acc;
+}
+T_AVX2 static INLINE __m256i dot4x2_avxvnni(__m256i acc, __m256i w0, __m256i q0, __m256i w1, __m256i q1) {
+  return dpbusd_vex(dpbusd_vex(acc, w0, q0), w1, q1);
+}
+
+T_AVX2 static INLINE __m256 e8m0x8(const uint8_t* s) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)));
+  __m256i bits = _mm256_slli_epi32(v, 23);
+  bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x00400000), _mm256_cmpeq_epi32(v, _mm256_setzero_si256()));
+  bits = _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC00000), _mm256_cmpeq_epi32(v, _mm256_set1_epi32(255)));
+  return _mm256_castsi256_ps(bits);
+}
+
+// Rows [n0, n1) against MB <= 4 prepared tokens (prepare_q8_row), as q8_gemv_rows.
+template <int MB, bool VNNI>
+T_AVX2 static INLINE void q8_gemv_rows_avx2_impl(const Q8Args& a, int64_t m, int64_t n0, int64_t n1) {
+  const int64_t nblk = a.nblk, G = q8_groups(nblk), rb = q8_row_bytes(nblk);
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8.lut)));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  // After two rounds of vphaddd the 8 block sums of two chunks sit in the order 0 2 4 6 1 3 5 7.
+  const __m256i natural = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  alignas(32) uint8_t wpad[64];
+  uint8_t spad[16];
+  const uint8_t* xq[MB];
+  for (int j = 0; j < MB; ++j) xq[j] = a.x + (m + j) * rb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = a.blocks + n * nblk * 16;
+    const uint8_t* srow = a.scales + n * nblk;
+    __m256 facc[MB];
+    for (int j = 0; j < MB; ++j) facc[j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t nb = std::min<int64_t>(16, nblk - 16 * g);
+      const uint8_t* sg = srow + 16 * g;
+      if (nb < 16) {  // the row's last group: zero scales past its end (their sums are zero)
+        std::memset(spad, 0, 16);
+        std::memcpy(spad, sg, nb);
+        sg = spad;
+      }
+      for (int64_t e = 0; e < 2 && 8 * e < nb; ++e) {  // blocks 8e .. 8e+7 of the group: chunks 2e, 2e+1
+        __m256i pair[MB][2];
+        for (int cc = 0; cc < 2; ++cc) {
+          const int64_t c = 2 * e + cc, nbc = std::max<int64_t>(0, std::min<int64_t>(4, nb - 4 * c));
+          __m256i half[MB][2];
+          for (int j = 0; j < MB; ++j) half[j][0] = half[j][1] = _mm256_setzero_si256();
+          if (nbc > 0) {
+            const uint8_t* p = wrow + (16 * g + 4 * c) * 16;
+            if (nbc < 4) {
+              std::memset(wpad, 0, 64);
+              std::memcpy(wpad, p, nbc * 16);
+              p = wpad;
+            }
+            _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+            for (int h = 0; h < 2; ++h) {
+              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+              const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
+              const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+              for (int j = 0; j < MB; ++j) {
+                const uint8_t* qc = xq[j] + g * 512 + c * 128 + 32 * h;
+                const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc));
+                const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 64));
+                half[j][h] = VNNI ? dot4x2_avxvnni(half[j][h], lo, q0, hi, q1)
+                                  : dot4x2_avx2(half[j][h], lo, q0, hi, q1);
+              }
+            }
+          }
+          for (int j = 0; j < MB; ++j) pair[j][cc] = _mm256_hadd_epi32(half[j][0], half[j][1]);
+        }
+        const __m256 sc = e8m0x8(sg + 8 * e);
+        for (int j = 0; j < MB; ++j) {
+          const float* dh = reinterpret_cast<const float*>(xq[j] + G * 512) + 16 * g + 8 * e;
+          const int32_t* nc = reinterpret_cast<const int32_t*>(xq[j] + G * 576) + 16 * g + 8 * e;
+          __m256i s = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(pair[j][0], pair[j][1]), natural);
+          s = _mm256_add_epi32(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nc)));
+          facc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sc, _mm256_loadu_ps(dh)), facc[j]);
+        }
+      }
+    }
+    for (int j = 0; j < MB; ++j) a.out[(m + j) * a.ldo + n] = hsum256(facc[j]);
+  }
+}
+
+template <int MB>
+T_AVX2 static void q8_gemv_rows_avx2(const Q8Args& a, int64_t m, int64_t n0, int64_t n1) {
+  q8_gemv_rows_avx2_impl<MB, false>(a, m, n0, n1);
+}
+template <int MB>
+T_AVX2 static void q8_gemv_rows_avxvnni(const Q8Args& a, int64_t m, int64_t n0, int64_t n1) {
+  q8_gemv_rows_avx2_impl<MB, true>(a, m, n0, n1);
+}
+
+// Rows of packed MXFP4 -> bytes 2 * value + 12 in natural order, and the scales as floats.
+T_AVX2 static void decode_rows_q8_avx2(const uint8_t* blocks, const uint8_t* scales, int64_t nblk, int64_t rows,
+                                       uint8_t* out, float* ws) {
+  const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kQ8.lut)), low4 = _mm_set1_epi8(0x0F);
+  const int64_t n = rows * nblk;
+  for (int64_t i = 0; i < n; ++i) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + i * 16));
+    const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, low4));
+    const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), low4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * 32), _mm_unpacklo_epi8(lo, hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i * 32 + 16), _mm_unpackhi_epi8(lo, hi));
+  }
+  for (int64_t j = 0; j < n; ++j) ws[j] = kT.e8m0[scales[j]];
+}
+
+// NR decoded rows against 16 prepared tokens (one Q8Tile block): c[r * 16 + token].
+// vpmaddubsw + vpmaddwd here even where AVX-VNNI exists: each accumulator then waits on one add
+// per step instead of a 5-cycle vpdpbusd chain, which measured faster for these tiles.
+template <int NR>
+T_AVX2 static void q8_gemm_mk_avx2(const uint8_t* w, const float* ws, int64_t K, const uint8_t* x, float* c) {
+  const int64_t nblk = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 fa[NR][2];
+  for (int r = 0; r < NR; ++r) fa[r][0] = fa[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nblk; ++b) {
+    __m256i ia[NR][2];
+    for (int v = 0; v < 2; ++v) {
+      const __m256i nc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * K + 64 * nblk + b * 64 + 32 * v));
+      for (int r = 0; r < NR; ++r) ia[r][v] = nc;
+    }
+    for (int kq = 0; kq < 8; ++kq) {
+      __m256i xv[2];
+      for (int v = 0; v < 2; ++v)
+        xv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (b * 8 + kq) * 64 + 32 * v));
+      for (int r = 0; r < NR; ++r) {
+        int32_t w4;
+        std::memcpy(&w4, w + r * K + b * 32 + kq * 4, 4);
+        const __m256i wb = _mm256_set1_epi32(w4);
+        for (int v = 0; v < 2; ++v)
+          ia[r][v] = _mm256_add_epi32(ia[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(wb, xv[v]), ones));
+      }
+    }
+    for (int v = 0; v < 2; ++v) {
+      const __m256 dh = _mm256_loadu_ps(reinterpret_cast<const float*>(x + 16 * K) + b * 16 + 8 * v);
+      for (int r = 0; r < NR; ++r)
+        fa[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[r][v]), _mm256_mul_ps(dh, _mm256_set1_ps(ws[r * nblk + b])),
+                                   fa[r][v]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < 2; ++v) _mm256_storeu_ps(c + r * 16 + 8 * v, fa[r][v]);
+}
+
+// As q8_gemm_tile, 2 rows x 16 tokens at a time (AVX2 has 16 vector registers).
+static void q8_gemm_tile_avx2(const uint8_t* w, const float* ws, int64_t rows, const uint8_t* x, int64_t M,
+                              int64_t K, float* out, int64_t ldo) {
+  constexpr int NR = 2;
+  const int64_t tb = q8_tile_bytes(K / 32), nblk = K / 32;
+  float c[NR * 16];
+  for (int64_t n0 = 0; n0 < rows; n0 += NR) {
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      q8_gemm_mk_avx2<NR>(w + n0 * K, ws + n0 * nblk, K, x + (m0 / 16) * tb, c);
+      for (int64_t r = 0; r < NR && n0 + r < rows; ++r)
+        for (int64_t m = 0; m < 16 && m0 + m < M; ++m) out[(m0 + m) * ldo + n0 + r] = c[r * 16 + m];
+    }
+  }
+}
+
+// Few tokens against rows [n0, n1): the matrix-vector kernels of `kind`.
+static void q8_rows(Q8Kind kind, const Q8Args& a, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < a.M; m += 4) {
+    const int64_t mb = std::min<int64_t>(4, a.M - m);
+#define GPTOSS_Q8_ROWS(fn)                 \
+  switch (mb) {                            \
+    case 1: fn<1>(a, m, n0, n1); break;    \
+    case 2: fn<2>(a, m, n0, n1); break;    \
+    case 3: fn<3>(a, m, n0, n1); break;    \
+    default: fn<4>(a, m, n0, n1); break;   \
+  }
+    if (kind == Q8Kind::Vnni512) {
+      GPTOSS_Q8_ROWS(q8_gemv_rows)
+    } else if (kind == Q8Kind::AvxVnni) {
+      GPTOSS_Q8_ROWS(q8_gemv_rows_avxvnni)
+    } else {
+      GPTOSS_Q8_ROWS(q8_gemv_rows_avx2)
+    }
+#undef GPTOSS_Q8_ROWS
+  }
+}
+
+static bool use_int8_activations(Isa isa, bool x_bf16) {
+  if (q8_kind(isa) == Q8Kind::None) return false;
+  return g_int8_act == Int8Activations::Always || (g_int8_act == Int8Activations::Bf16 && x_bf16);
 }
 
 // ---------------------------------------------------------------------------------------------

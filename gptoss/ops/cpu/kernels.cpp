@@ -88,6 +88,10 @@ int gptoss_set_isa(int isa) {
   return 0;
 }
 int gptoss_has_vnni_vbmi() { return g_has_vnni ? 1 : 0; }
+// The int8 expert kernels the current ISA path runs: 0 none, 1 avx2, 2 avx-vnni, 3 avx512-vnni.
+int gptoss_int8_kernels() { return static_cast<int>(q8_kind(g_isa)); }
+int gptoss_has_avx_vnni() { return g_has_avx_vnni ? 1 : 0; }
+void gptoss_use_avx_vnni(int on) { g_use_avx_vnni = on && g_has_avx_vnni; }
 int gptoss_get_int8_activations() { return static_cast<int>(g_int8_act); }
 void gptoss_set_int8_activations(int mode) { g_int8_act = static_cast<Int8Activations>(mode); }
 
