@@ -171,6 +171,8 @@ def cmd_serve(args) -> None:
     check_device(args.device)
     if args.max_queue < 0:
         raise UsageError("--max-queue must be at least 0")
+    if not args.shutdown_timeout >= 0:
+        raise UsageError("--shutdown-timeout must be at least 0 seconds")
     try:
         parse_size(args.kv_cache_size)
     except ValueError as exc:
@@ -182,7 +184,7 @@ def cmd_serve(args) -> None:
                             strict_params=args.strict_params)
     except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
         raise UsageError(str(exc)) from None
-    run(state, host=args.host, port=args.port, log_level=args.log_level)
+    run(state, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot; more get 429")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let running requests finish before ending them (default 30)")
     p.add_argument("--strict-params", action="store_true",
                    help="refuse unknown request fields with 400 (default: ignore them with a logged warning)")
     p.add_argument("--dense-int8", action="store_true",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
 import logging
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -140,6 +142,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         if not state.engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if state.engine.draining:  # load balancers: send no more traffic here
+            return JSONResponse({"status": "shutting down", "running": state.engine.num_active}, status_code=503)
         return JSONResponse({"status": "ok", "model": state.model_name,
                              "running": state.engine.num_active})
 
@@ -175,17 +179,45 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
                        strict_params=strict_params, model_root=str(path.resolve()))
 
 
-def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until Ctrl-C (uvicorn)."""
-    import uvicorn
-
+def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+        shutdown_timeout: float = 30.0) -> None:
+    """Serve until SIGTERM or Ctrl-C: then take no new requests (503), let the running ones finish
+    for up to `shutdown_timeout` seconds, end the rest with an error event, and return. A second
+    signal stops at once."""
     engine = state.engine
     print(f"gptoss serve: {state.model_name} on http://{host}:{port}/v1 "
           f"(KV cache {engine.kv_cache_tokens} tokens, {engine.max_num_seqs} sequences, "
           f"queue {engine.max_queue}{', API key required' if state.api_key else ''})", flush=True)
-    uvicorn.run(create_app(state), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, state.engine, shutdown_timeout).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, whose first exit signal drains the engine before uvicorn shuts down."""
+
+    def __init__(self, config: uvicorn.Config, engine, grace: float):
+        super().__init__(config)
+        self.engine, self.grace = engine, grace
+        self.draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.draining:  # a second signal: stop now
+            return super().handle_exit(sig, frame)
+        self.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
+        log.warning("shutting down: no new requests; waiting up to %.0f s for %d running", self.grace,
+                    self.engine.num_active)
+        cut = await self.engine.drain(self.grace)
+        if cut:
+            log.warning("shutting down: ended %d requests still running after %.0f s", cut, self.grace)
+        await asyncio.sleep(0.1)  # let their streams write the error and [DONE]
+        self.should_exit = True
 
 
 def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          **options) -> None:
-    run(build_state(path, **options), host=host, port=port, log_level=log_level)
+          shutdown_timeout: float = 30.0, **options) -> None:
+    run(build_state(path, **options), host=host, port=port, log_level=log_level, shutdown_timeout=shutdown_timeout)

@@ -43,6 +43,10 @@ class EngineFailed(RuntimeError):
     """The engine raised while stepping; the requests in that step cannot continue."""
 
 
+class EngineDraining(Exception):
+    """The server is shutting down: it takes no new requests (HTTP 503)."""
+
+
 class RequestStream:
     """One request's step outputs, in order; iteration ends after the finished one."""
 
@@ -87,6 +91,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.draining = False  # shutting down: new requests get EngineDraining
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -105,6 +110,19 @@ class AsyncEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
         self._thread.start()
+
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting requests, wait up to `timeout` seconds for the running ones to finish,
+        then end the rest with an error ("the server is shutting down"). Returns how many were ended."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        cut = list(self._streams.values())
+        for stream in cut:
+            self._end(stream, "abort", EngineFailed("the server is shutting down"))
+            self._commands.put(("abort", stream.request_id))
+        return len(cut)
 
     async def stop(self) -> None:
         if self._thread is None:
@@ -127,6 +145,8 @@ class AsyncEngine:
         (a ValueError: prompt too long for the context or the cache)."""
         if self._thread is None:
             raise EngineFailed("the engine is not running")
+        if self.draining:
+            raise EngineDraining("the server is shutting down")
         if len(self._streams) + len(requests) > self.limit:
             self.metrics.rejected.inc()
             raise EngineOverloaded(self.limit)

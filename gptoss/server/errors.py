@@ -59,6 +59,11 @@ def body_too_large(limit: int) -> APIError:
                     code="request_too_large")
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down and takes no new requests; retry on another instance.",
+                    type="server_error", code="server_shutting_down", headers={"Retry-After": "5"})
+
+
 def invalid_api_key() -> APIError:
     return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from gptoss.engine.engine import RequestError
 from gptoss.sampling import SamplingParams
-from gptoss.server.async_engine import AsyncEngine, EngineFailed, EngineOverloaded, RequestStream
-from gptoss.server.errors import APIError, bad_request, from_value_error, model_not_found, overloaded
+from gptoss.server.async_engine import AsyncEngine, EngineDraining, EngineFailed, EngineOverloaded, RequestStream
+from gptoss.server.errors import APIError, bad_request, from_value_error, model_not_found, overloaded, shutting_down
 
 
 class ResponseStore:
@@ -67,6 +67,8 @@ class ServerState:
             return await self.engine.submit_many(requests, arrival=arrival)
         except EngineOverloaded as exc:
             raise overloaded(exc.limit) from None
+        except EngineDraining:
+            raise shutting_down() from None
         except RequestError as exc:
             too_long = "tokens per request" in str(exc)
             raise APIError(400, str(exc), param=param,
