@@ -405,3 +405,20 @@ def test_sigterm_drains_then_exits_cleanly(tiny_checkpoint, tmp_path):
         assert events[-1] == "[DONE]"
         assert "shutting down" in json.loads(events[-2])["error"]["message"]
         assert server.proc.wait(timeout=20) == 0
+
+
+def test_abandoned_uploads_leave_no_tracebacks(server, http):
+    """A client that sends half a body and leaves is counted (499) and logs no error."""
+    import socket
+    from urllib.parse import urlparse
+
+    address = urlparse(server.url)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        with socket.create_connection((address.hostname, address.port)) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":".encode())
+            time.sleep(0.2)
+    time.sleep(0.5)
+    assert http.get("/health").status_code == 200
+    log = server.log.read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log

@@ -12,6 +12,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
 
 from gptoss.server import chat_completions, completions, errors, responses
 from gptoss.server.state import ServerState
@@ -95,6 +96,8 @@ class APIMiddleware:
             except _BodyTooLarge:
                 if status["code"] == 499:  # nothing answered yet
                     await answer(errors.body_too_large(MAX_BODY_BYTES))
+            except ClientDisconnect:  # the client left while sending its body: nobody to answer
+                log.info("%s: the client disconnected before sending the whole request body", path)
         finally:
             self.state.metrics.requests.inc(1, _endpoint_label(path), str(status["code"]))
 
