@@ -684,3 +684,13 @@ def test_a_turn_with_an_empty_answer_still_has_a_message_item(client):
     events = sse_events(client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "stream": True}).text)
     done = [json.loads(data) for name, data in events if name == "response.completed"][0]["response"]
     assert done["output"][-1]["type"] == "message"
+
+
+def test_completions_stream_ends_with_the_last_token_and_its_logprobs(client):
+    client.engine.script = tiktoken_encoding().encode(" the end")
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "stream": True,
+                                             "logprobs": 1})
+    chunks = [json.loads(d)["choices"][0] for _, d in sse_events(r.text)[:-1]]
+    assert [c["text"] for c in chunks] == [" the", " end"]  # no extra empty chunk
+    assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["logprobs"]["tokens"] == [" end"]
+    assert all(c["logprobs"] is not None for c in chunks)

@@ -145,14 +145,14 @@ class Completion:
                     yield self._chunk(i, echo)
             async for index, out in merged(self.streams):
                 text, entries = self._feed(index, out)
-                if text or entries:
-                    merged_log = None
-                    if entries:
-                        merged_log = {k: [v for e in entries for v in e[k]] for k in entries[0]}
-                    yield self._chunk(index, text, logprobs=merged_log)
                 choice = self.choices[index]
-                if choice.done:
-                    yield self._chunk(index, "", finish_reason=choice.result.finish_reason)
+                merged_log = None
+                if entries:
+                    merged_log = {k: [v for e in entries for v in e[k]] for k in entries[0]}
+                if choice.done:  # the last token's text and logprobs ride with the finish reason
+                    yield self._chunk(index, text, logprobs=merged_log, finish_reason=choice.result.finish_reason)
+                elif text or entries:
+                    yield self._chunk(index, text, logprobs=merged_log)
             if self.include_usage:
                 yield sse({"id": self.id, "object": "text_completion", "created": self.created,
                            "model": self.req.model, "choices": [], "usage": self._usage()})
