@@ -77,6 +77,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    # Logprobs of the prompt's own tokens (each given the ones before it), with this many
+    # alternatives; None: not computed. Such a request skips the prefix cache (every prompt
+    # position must go through the model).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def bad(name: str, allowed: str) -> ValueError:
@@ -134,6 +138,9 @@ class SamplingParams:
             raise bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.top_logprobs > 0 and not self.logprobs:
             raise bad("top_logprobs", "0 unless logprobs is true")
+        pl = self.prompt_logprobs
+        if pl is not None and (not _is_int(pl) or not 0 <= pl <= MAX_TOP_LOGPROBS):
+            raise bad("prompt_logprobs", f"None or an integer in [0, {MAX_TOP_LOGPROBS}]")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SamplingParams:

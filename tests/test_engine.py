@@ -376,3 +376,28 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused(model):
     engine = LLMEngine(model, kv_cache_size=256)
     with pytest.raises(RequestError, match="not token ids of this model"):
         engine.add_request([1, 2, 3], SamplingParams(stop_token_ids=(model.config.vocab_size + 5,)))
+
+
+def test_prompt_logprobs_match_a_plain_forward_and_survive_chunking(model):
+    """Each prompt token's logprob given the ones before it, as the model's own logits say; the
+    same when the prompt is prefilled in small chunks, and never read from the prefix cache."""
+    prompt = list(range(5, 80))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).float()[0]
+    expected = torch.log_softmax(logits, -1)
+    for budget in (512, 16):
+        engine = LLMEngine(model, kv_cache_size=8192, max_batched_tokens=budget)
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=2))  # warms the prefix cache
+        engine.run_until_done()
+        seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3))
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        first = next(o for o in outputs if o.request_id == seq.request_id)
+        assert first.cached_tokens == 0 and first.prompt_logprobs is not None
+        entries = first.prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for position, entry in enumerate(entries[1:]):
+            assert entry.token_id == prompt[position + 1]
+            assert abs(entry.logprob - expected[position, entry.token_id].item()) < 1e-3
+            assert [t for t, _ in entry.top] == expected[position].topk(3).indices.tolist()

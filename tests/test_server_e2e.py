@@ -422,3 +422,24 @@ def test_abandoned_uploads_leave_no_tracebacks(server, http):
     assert http.get("/health").status_code == 200
     log = server.log.read_text()
     assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(client):
+    """echo + logprobs: the prompt's tokens come first, the first without a logprob (as OpenAI's
+    legacy completions and vLLM give them), then the generated ones; streamed the same."""
+    prompt = "The quick brown fox jumps"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    log = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    n_prompt = r.usage.prompt_tokens
+    assert len(log.tokens) == n_prompt + r.usage.completion_tokens
+    assert "".join(log.tokens[:n_prompt]) == prompt
+    assert log.token_logprobs[0] is None and log.top_logprobs[0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in log.token_logprobs[1:])
+    assert all(len(top) >= 1 for top in log.top_logprobs[1:])
+    assert log.text_offset[:3] == [0, len(log.tokens[0]), len(log.tokens[0]) + len(log.tokens[1])]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    streamed = [t for c in chunks for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+    assert streamed == log.tokens
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text

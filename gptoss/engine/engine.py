@@ -41,6 +41,9 @@ class StepOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     output_tokens: int = 0  # generated so far, this token included
+    # With SamplingParams.prompt_logprobs, on the first token's output: one entry per prompt
+    # token (None for the first).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,9 +164,12 @@ class LLMEngine:
             totals["generation_tokens"] += 1
             if len(seq.output_token_ids) == 1:
                 totals["prompt_tokens"] += len(seq.prompt_token_ids)
+            prompt_logprobs = None
+            if seq.prompt_logprobs is not None and len(seq.output_token_ids) == 1:
+                prompt_logprobs = tuple(None if entry is None else TokenLogprob(*entry) for entry in seq.prompt_logprobs)
             outputs.append(StepOutput(seq.request_id, token, seq.is_finished, seq.finish_reason, logprob,
                                       len(seq.prompt_token_ids), seq.num_cached_prompt_tokens,
-                                      len(seq.output_token_ids)))
+                                      len(seq.output_token_ids), prompt_logprobs))
         return outputs
 
     @property

@@ -104,7 +104,7 @@ class KVCacheManager:
     # -- admission with prefix caching -------------------------------------------------------
     def admit(self, seq: Sequence) -> int:
         """Take the longest cached prefix of `seq` (leaving at least one token to compute)."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
         hashes = self.page_hashes(seq, len(seq) - 1)
         pages = 0

@@ -10,6 +10,7 @@ step copies no cached K/V.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 
@@ -75,8 +76,9 @@ class ModelRunner:
         layers = sum(1 for i in range(config.num_hidden_layers) if (config.window_of(i) > 0) == sliding)
         return 2 * layers * block_size * config.kv_dim * torch.empty((), dtype=dtype).element_size()
 
-    def build_batch(self, batch: list[ScheduledSeq]) -> ForwardBatch:
-        """The scheduler's decision as plain tensors."""
+    def build_batch(self, batch: list[ScheduledSeq], extra_logit_rows: Sequence[int] = ()) -> ForwardBatch:
+        """The scheduler's decision as plain tensors; logits come for the sampling rows, then for
+        `extra_logit_rows` (prompt positions whose logprobs a request asked for)."""
         bs = self.kv.block_size
         tokens, positions, full_slots, sliding_slots, logit_rows = [], [], [], [], []
         starts, context, full_tables, sliding_tables, sliding_first = [0], [], [], [], []
@@ -95,6 +97,7 @@ class ModelRunner:
             sliding_tables.append([seq.sliding_blocks.get(p, -1) for p in range(first, -(-(start + n) // bs))])
             if item.samples:
                 logit_rows.append(starts[-1] - 1)
+        logit_rows += extra_logit_rows
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         return ForwardBatch(as_tensor(tokens), as_tensor(positions), as_tensor(starts), as_tensor(context),
                             as_tensor(full_slots), as_tensor(sliding_slots), _padded(full_tables),
@@ -106,13 +109,43 @@ class ModelRunner:
         batch = batch.to(self.model.device)
         return self.model.forward_batch(batch, PagedCache(batch, self.pools, self.sliding_layer))
 
+    @staticmethod
+    def prompt_logprob_rows(batch: list[ScheduledSeq]) -> list[tuple]:
+        """(seq, position, flat row) of each prompt position in this step whose next-token logprob
+        its request asked for and does not have yet (a recomputed prefix is not counted twice)."""
+        rows, offset = [], 0
+        for item in batch:
+            seq, start, n = item.seq, item.seq.num_computed, item.num_tokens
+            if seq.prompt_logprobs is not None:
+                last = len(seq.prompt_token_ids) - 1
+                for position in range(max(start, len(seq.prompt_logprobs) - 1), min(start + n, last)):
+                    rows.append((seq, position, offset + position - start))
+            offset += n
+        return rows
+
+    @staticmethod
+    def record_prompt_logprobs(rows: list[tuple], logits: torch.Tensor) -> None:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for i, (seq, position, _) in enumerate(rows):
+            token = seq.prompt_token_ids[position + 1]
+            k = seq.params.prompt_logprobs
+            top = []
+            if k:
+                values, ids = logprobs[i].topk(k)
+                top = list(zip(ids.tolist(), values.tolist()))
+            seq.prompt_logprobs.append((token, float(logprobs[i, token]), top))
+
     @torch.no_grad()
     def run(self, batch: list[ScheduledSeq]) -> dict[int, tuple[int, SampleOutput, int]]:
         """Forward the batch; returns id(seq) -> (token, sample output, row) for rows that sample."""
-        flat = self.build_batch(batch)
+        prompt_rows = self.prompt_logprob_rows(batch)
+        flat = self.build_batch(batch, [row for _, _, row in prompt_rows])
         self.expert_rows += flat.num_tokens
         logits = self.forward(flat)
         seqs = [item.seq for item in batch if item.samples]
+        if prompt_rows:
+            self.record_prompt_logprobs(prompt_rows, logits[len(seqs):])
+            logits = logits[:len(seqs)]
         if not seqs:
             return {}
         params = [s.params for s in seqs]

@@ -34,11 +34,16 @@ class Sequence:
     sliding_blocks: dict[int, int] = field(default_factory=dict)  # page index -> block, only pages in the window
     finish_reason: str | None = None
     arrival: int = field(default_factory=lambda: next(_ids))
+    # With params.prompt_logprobs: (token, logprob, top alternatives) of each prompt token so far,
+    # None for the first (nothing comes before it).
+    prompt_logprobs: list | None = None
 
     def __post_init__(self):
         if not self.request_id:
             self.request_id = f"seq-{self.arrival}"
         self.generator = make_generator(self.params.seed)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def token_ids(self) -> list[int]:

@@ -45,23 +45,38 @@ def completion_sampling(req: CompletionRequest):
     n = req.n or 1
     if req.best_of is not None and req.best_of != n:
         raise bad_request("best_of must equal n (this server does not rank candidates).", "best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs is not supported (prompt logprobs are not computed).", "echo")
     fields = req.model_dump(include={"temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                      "frequency_penalty", "repetition_penalty", "seed", "stop",
                                      "stop_token_ids", "ignore_eos", "max_tokens"})
     if req.logprobs is not None:
         fields["logprobs"] = True
         fields["top_logprobs"] = req.logprobs
+        if req.echo:  # the echoed prompt's tokens get logprobs too
+            fields["prompt_logprobs"] = req.logprobs
     return sampling_params(fields, n=n, names={"top_logprobs": "logprobs"})
 
 
 class TokenLog:
     """The legacy `logprobs` object of one choice, built token by token."""
 
-    def __init__(self, token_bytes, offset: int):
+    def __init__(self, token_bytes, offset: int = 0):
         self.token_bytes, self.offset = token_bytes, offset
         self.data = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add_prompt(self, prompt_ids: list[int], logprobs) -> dict:
+        """The echoed prompt's entries (the first token has no logprob: nothing comes before it)."""
+        entry = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, logprob in zip(prompt_ids, logprobs):
+            text, _ = token_text(self.token_bytes, token_id)
+            entry["tokens"].append(text)
+            entry["token_logprobs"].append(None if logprob is None else logprob.logprob)
+            entry["top_logprobs"].append(None if logprob is None else
+                                         {token_text(self.token_bytes, t)[0]: v for t, v in logprob.top})
+            entry["text_offset"].append(self.offset)
+            self.offset += len(text)
+        for key, value in entry.items():
+            self.data[key] += value
+        return entry
 
     def add(self, logprob) -> dict:
         text, _ = token_text(self.token_bytes, logprob.token_id)
@@ -81,7 +96,7 @@ class Completion:
         self.streams, self.choices, self.id = streams, choices, request_id
         self.created = int(time.time())
         self.echo = [self._prompt_text(i) if req.echo else "" for i in range(len(choices))]
-        self.logs = [TokenLog(state.token_bytes, len(e)) if req.logprobs is not None else None for e in self.echo]
+        self.logs = [TokenLog(state.token_bytes) if req.logprobs is not None else None for _ in self.echo]
         self.stop_ids = [p.stop_token_set() for p in (c.output.params for c in choices)]
 
     def _prompt_text(self, index: int) -> str:
@@ -92,11 +107,14 @@ class Completion:
         pieces = choice.feed(out)
         if choice.done and not out.finished:
             self.streams[index].abort("stop")
-        entries = []
+        entries, prefix = [], ""
         log = self.logs[index]
+        if log is not None and out.prompt_logprobs is not None:  # echo: the prompt's entries come first
+            entries.append(log.add_prompt(self.prompts[index // self.n], out.prompt_logprobs))
+            prefix = self.echo[index]
         if log is not None and out.logprob is not None and out.token_id not in self.stop_ids[index]:
             entries.append(log.add(out.logprob))
-        return "".join(p.text for p in pieces), entries
+        return prefix + "".join(p.text for p in pieces), entries
 
     def abort_all(self) -> None:
         for stream in self.streams:
@@ -141,7 +159,7 @@ class Completion:
     async def stream(self) -> AsyncIterator[str]:
         try:
             for i, echo in enumerate(self.echo):
-                if echo:
+                if echo and self.logs[i] is None:  # with logprobs it comes with the prompt's, on the first token
                     yield self._chunk(i, echo)
             async for index, out in merged(self.streams):
                 text, entries = self._feed(index, out)
