@@ -242,16 +242,21 @@ class StreamParser:
         self.segments: list[Segment] = []
         self.reasoning_tokens = 0
         self._header: list[int] = []  # tokens of a header not yet closed by <|message|>
+        self.last_was_content = False
         # Reading the parser's state costs time proportional to the output so far, and only special
         # tokens change it: read it after those alone, so a long answer stays linear.
         self._state = self._parser.state.name
 
     def feed(self, token: int) -> list[Delta]:
+        """The text this token adds. `last_was_content` then says whether the token belongs to a
+        message's content (not a header or a special token), i.e. whether its logprob is shown."""
+        self.last_was_content = token < FIRST_SPECIAL and (self.broken or self._state == "CONTENT")
         if self.broken:
             return self._plain_delta(token)
         try:
             self._parser.process(token)
         except Exception as exc:  # the Rust parser raises on anything off-format
+            self.last_was_content = False
             return self._break(f"{exc}", [token])
         if token >= FIRST_SPECIAL:
             self._state = self._parser.state.name

@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: harmony chat with reasoning, tools, streaming and n choices.
 
-Reasoning (the analysis channel) comes back as `reasoning_content` and as `reasoning`, beside `content`. With
-`logprobs`, every generated token is listed (reasoning, harmony headers and the answer), since
-all of them are sampled; a stream attaches each token's entry to the next chunk it sends.
+Reasoning (the analysis channel) comes back as `reasoning_content` and as `reasoning`, beside
+`content`. With `logprobs`, the tokens of the reasoning and of the answer are listed (never
+harmony's headers and special tokens); a stream attaches each token's entry to the chunk that
+carries its text.
 """
 
 from __future__ import annotations

@@ -86,10 +86,15 @@ class ChoiceOutput:
         """The pieces this step added. After the last step, `done` is true and `result` set."""
         if self.done:
             return []
-        if step.logprob is not None and not self.output.stopped:
+        stopped_before = self.output.stopped
+        deltas = self.output.feed(step)
+        # Logprobs are reported for the tokens of messages' text only, never for harmony's
+        # headers and special tokens (<|channel|>, final, <|message|>, <|end|>, ...).
+        parser = self.output.parser
+        if step.logprob is not None and not stopped_before and (parser is None or parser.last_was_content):
             self.pending.append(step.logprob)
         pieces: list[Piece] = []
-        for delta in self.output.feed(step):
+        for delta in deltas:
             pieces += self._add(delta)
         if step.token_id in MESSAGE_BOUNDARY_TOKENS:
             self._boundary = True
