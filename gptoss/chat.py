@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from openai_harmony import (Author, Conversation, DeveloperContent, Message, ReasoningEffort, Role,
                             StreamableParser, SystemContent, TextContent, ToolDescription)
 
-from gptoss.tokenizer import CALL, MESSAGE, RETURN, STARTOFTEXT
+from gptoss.tokenizer import MESSAGE, STARTOFTEXT
 
 log = logging.getLogger("gptoss.chat")
 
@@ -25,7 +25,10 @@ EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high":
 TOOL_PREFIX = "functions."
 # A real header ("<|channel|>commentary to=functions.NAME <|constrain|>json") is about ten tokens;
 # one that runs on this long is not a header, and its tokens are shown as text.
-MAX_HEADER_TOKENS = 48
+MAX_HEADER_TOKENS = 24
+# A header holds a role, a channel, a recipient and a content type: a few words on one line.
+# Anything longer is text where a header belongs, passed on as it comes instead of held back.
+MAX_HEADER_WORDS = 6
 FIRST_SPECIAL = STARTOFTEXT  # every special token id is at least this
 
 
@@ -269,6 +272,8 @@ class StreamParser:
             self._header.append(token)
             if len(self._header) > MAX_HEADER_TOKENS:
                 return self._break("a message header that never ends", [])
+            if token < FIRST_SPECIAL and not self._plausible_header():
+                return self._break("text where a message header belongs", [])
             return []
         if self._state != "CONTENT" or not self.segments:
             return []
@@ -281,6 +286,10 @@ class StreamParser:
         segment.text += text
         return [Delta(text, segment.channel, segment.recipient)]
 
+    def _plausible_header(self) -> bool:
+        text = self.encoding.decode([t for t in self._header if t < FIRST_SPECIAL])
+        return "\n" not in text and len(text.split()) <= MAX_HEADER_WORDS
+
     def flush(self) -> list[Delta]:
         """At the end of output: a header cut off by max_tokens is shown as text, not lost."""
         return self._break("output ended inside a message header", []) if self._header and not self.broken else []
@@ -292,7 +301,7 @@ class StreamParser:
         return [d for t in pending for d in self._plain_delta(t)]
 
     def _plain_delta(self, token: int) -> list[Delta]:
-        if token in (RETURN, CALL):
+        if token >= FIRST_SPECIAL:  # structure the model got wrong: never shown as text
             return []
         try:
             text = self.encoding.decode([token])

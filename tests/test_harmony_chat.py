@@ -216,3 +216,21 @@ def test_long_texts_render_exactly_as_harmony_and_fast(enc, monkeypatch):
     start = time.perf_counter()
     chat.render_prompt(enc, [{"role": "user", "content": "a" * 300_000}])  # harmony alone: over a minute
     assert time.perf_counter() - start < 5
+
+
+def test_text_where_a_header_belongs_streams_at_once_without_special_tokens(enc):
+    """A model that writes plain text instead of a header: its text comes out within a few
+    tokens (not all at the end), and special tokens in broken output never show up as text."""
+    from gptoss.tokenizer import tiktoken_encoding
+
+    text_ids = tiktoken_encoding().encode("Hello there, this is just some plain text without any header at all.")
+    parser = StreamParser(enc)
+    first_text_at = None
+    for i, token in enumerate(text_ids):
+        if parser.feed(token) and first_text_at is None:
+            first_text_at = i
+    assert first_text_at is not None and first_text_at <= 8
+    start, channel = enc.encode("<|start|>", allowed_special="all"), enc.encode("<|channel|>", allowed_special="all")
+    out = "".join(d.text for t in [*start, *channel, *text_ids[:3]] for d in parser.feed(t))
+    assert "<|" not in out
+    assert "<|" not in parser.finish().content
