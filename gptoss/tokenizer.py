@@ -299,7 +299,7 @@ def tiktoken_encoding(model_path: str | Path | None = None):
     return _tiktoken_for_dir(str(find_vocab_dir(model_path)))
 
 
-def text_encoding_for(harmony) -> "tiktoken.Encoding":
+def text_encoding_for(harmony):
     """The tiktoken encoding of the same vocabulary as a harmony encoding from `harmony_encoding`."""
     vocab_dir = _VOCAB_DIR_OF.get(id(harmony))
     return _tiktoken_for_dir(vocab_dir) if vocab_dir else tiktoken_encoding()
