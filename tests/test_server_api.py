@@ -509,7 +509,7 @@ def test_responses_text_stream_and_incomplete(client):
 @pytest.mark.parametrize("body, param", [
     ({"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"model": MODEL, "input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
-    ({"model": MODEL, "input": "x", "background": True}, "background"),
+    ({"model": MODEL, "input": "x", "background": True, "stream": True}, "stream"),
     ({"model": MODEL, "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ({"model": MODEL, "input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format.name"),
     ({"model": MODEL, "input": "x", "max_output_tokens": -1}, "max_output_tokens"),
@@ -695,3 +695,44 @@ def test_completions_stream_ends_with_the_last_token_and_its_logprobs(client):
     assert [c["text"] for c in chunks] == [" the", " end"]  # no extra empty chunk
     assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["logprobs"]["tokens"] == [" end"]
     assert all(c["logprobs"] is not None for c in chunks)
+
+
+# -- background responses ------------------------------------------------------------------------------
+
+def test_background_response_is_polled_to_completion(client):
+    r = client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["background"] is True and body["status"] == "in_progress" and body["output"] == []
+    deadline = time.time() + 10
+    while body["status"] == "in_progress":
+        assert time.time() < deadline
+        time.sleep(0.02)
+        body = client.get(f"/v1/responses/{body['id']}").json()
+    assert body["status"] == "completed" and body["background"] is True
+    assert body["output"][-1]["content"][0]["text"] == "Hello there!"
+    # Finished already: cancel returns it as it is.
+    assert client.post(f"/v1/responses/{body['id']}/cancel").json()["status"] == "completed"
+
+
+def test_background_response_can_be_cancelled(client):
+    engine = client.engine
+    engine.step_delay = 0.02
+    r = client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True,
+                                           "max_output_tokens": 400, "ignore_eos": True})
+    response_id = r.json()["id"]
+    time.sleep(0.1)
+    cancelled = client.post(f"/v1/responses/{response_id}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    time.sleep(0.2)
+    assert client.get(f"/v1/responses/{response_id}").json()["status"] == "cancelled"
+    assert response_id in engine.aborted
+
+
+def test_background_needs_store_and_only_background_responses_cancel(client):
+    r = client.post("/v1/responses", json={"model": MODEL, "input": "Hi", "background": True, "store": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "store"
+    done = client.post("/v1/responses", json={"model": MODEL, "input": "Hi"}).json()
+    r = client.post(f"/v1/responses/{done['id']}/cancel")
+    assert r.status_code == 400
+    assert client.post("/v1/responses/resp_nothing/cancel").status_code == 404

@@ -8,6 +8,7 @@ continues it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import AsyncIterator
@@ -94,9 +95,11 @@ def tool_choice_value(req: ResponsesRequest):
 
 
 def responses_sampling(req: ResponsesRequest):
-    if req.background:
-        raise bad_request("background responses are not supported by this server.", "background",
-                          "unsupported_parameter")
+    if req.background and req.store is False:
+        raise bad_request("A background response must be stored (store: true) so that it can be polled.", "store")
+    if req.background and req.stream:
+        raise bad_request("background with stream is not supported by this server; poll GET /v1/responses/{id} "
+                          "instead.", "stream", "unsupported_parameter")
     fields = req.model_dump(include={"temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                      "frequency_penalty", "repetition_penalty", "seed", "stop",
                                      "stop_token_ids", "ignore_eos", "top_logprobs"})
@@ -169,7 +172,7 @@ class ResponseBuilder:
         choice = req.tool_choice
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-            "background": False, "error": error,
+            "background": bool(req.background), "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "max_tool_calls": req.max_tool_calls, "model": req.model, "output": output,
@@ -298,6 +301,36 @@ class ResponseRun:
         self._store(body)
         return body
 
+    # -- background: answered at once, run as a task, polled with GET, cancelled with POST .../cancel
+    def start_background(self) -> dict:
+        body = self.builder.response(None)  # status in_progress, no output yet
+        self.state.responses.put(body, self.conversation)
+        self.state.background[self.builder.id] = self
+        self.cancelled = False
+        self.task = asyncio.ensure_future(self._run_in_background())
+        return body
+
+    async def _run_in_background(self) -> None:
+        try:
+            await self.collect()
+        except EngineFailed as exc:
+            error = {"code": "server_error", "message": str(exc)}
+            self._store(self.builder.response(self.choice.finish("abort"), error=error))
+        except asyncio.CancelledError:
+            pass  # cancel() stored the cancelled response
+        finally:
+            self.state.background.pop(self.builder.id, None)
+
+    def cancel(self) -> dict:
+        self.cancelled = True
+        self.abort()
+        body = self.builder.response(self.choice.finish("abort"))
+        body["status"] = "cancelled"
+        body["incomplete_details"] = None
+        self._store(body)
+        self.task.cancel()
+        return body
+
     async def stream(self) -> AsyncIterator[str]:
         b = self.builder
         try:
@@ -367,6 +400,8 @@ async def create_response(request: Request):
     (stream,) = await state.submit([(prompt, params, response_id)], arrival, param="input")
     choice = ChoiceOutput(state.encoding, params, chat=True, prompt_tokens=len(prompt), token_bytes=state.token_bytes)
     run = ResponseRun(state, req, stream, ResponseBuilder(state, req, response_id, choice), conversation)
+    if req.background:
+        return JSONResponse(run.start_background())
     if req.stream:
         return StreamingResponse(run.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
@@ -390,6 +425,18 @@ def _stored(state: ServerState, response_id: str) -> dict:
 @router.get("/v1/responses/{response_id}")
 async def get_response(request: Request, response_id: str):
     return JSONResponse(_stored(request.app.state.server, response_id))
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(request: Request, response_id: str):
+    state: ServerState = request.app.state.server
+    body = _stored(state, response_id)
+    running = state.background.get(response_id)
+    if running is not None:
+        return JSONResponse(running.cancel())
+    if not body.get("background"):
+        raise bad_request("Only background responses can be cancelled.", "response_id")
+    return JSONResponse(body)  # finished already: as it is
 
 
 @router.delete("/v1/responses/{response_id}")

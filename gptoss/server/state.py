@@ -45,6 +45,7 @@ class ServerState:
     model_root: str | None = None  # where the model was loaded from (/v1/models "root")
     created: int = field(default_factory=lambda: int(time.time()))
     responses: ResponseStore = field(default_factory=ResponseStore)
+    background: dict = field(default_factory=dict)  # response id -> its running ResponseRun
 
     @property
     def metrics(self):
