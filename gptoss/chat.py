@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from openai_harmony import (Author, Conversation, DeveloperContent, Message, ReasoningEffort, Role,
-                            StreamableParser, SystemContent, TextContent, ToolDescription)
+                            StreamableParser, SystemContent, ToolDescription)
 
 from gptoss.tokenizer import MESSAGE, STARTOFTEXT
 
@@ -211,14 +211,19 @@ def _splice_long_texts(encoding, tokens: list[int], texts: list[str]) -> list[in
 
 @dataclass
 class Delta:
+    """A piece of output text. channel: 'analysis' (reasoning), 'commentary', 'final', or None for
+    a raw completion; recipient is set for tool-call argument text (e.g. 'functions.get_weather').
+    The generation layer adds the token ids and logprobs that produced it."""
+
     text: str
-    channel: str | None = None  # "analysis", "commentary", "final" (None before any header)
-    recipient: str | None = None  # "functions.NAME" for tool-call arguments
-    content_type: str | None = None
+    channel: str | None = None
+    recipient: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprob of those tokens
 
 
 @dataclass
-class Segment:
+class OutputMessage:
     """The text of one output message, as far as it got."""
 
     channel: str | None
@@ -242,7 +247,7 @@ class StreamParser:
         self.encoding = encoding
         self._parser = StreamableParser(encoding, Role.ASSISTANT, strict=False)
         self.broken = False
-        self.segments: list[Segment] = []
+        self.segments: list[OutputMessage] = []
         self.reasoning_tokens = 0
         self._header: list[int] = []  # tokens of a header not yet closed by <|message|>
         self.last_was_content = False
@@ -265,7 +270,7 @@ class StreamParser:
             self._state = self._parser.state.name
             if token == MESSAGE and self._state == "CONTENT":
                 # A message starts: a tool call with empty arguments still gets its segment.
-                self.segments.append(Segment(self._parser.current_channel, self._parser.current_recipient))
+                self.segments.append(OutputMessage(self._parser.current_channel, self._parser.current_recipient))
             if self._state != "HEADER":
                 self._header.clear()
         if self._state == "HEADER":
@@ -313,7 +318,7 @@ class StreamParser:
         if channel == "analysis":
             self.reasoning_tokens += 1
         if last is None or (last.channel or "final") != channel:
-            self.segments.append(Segment(channel, recipient))
+            self.segments.append(OutputMessage(channel, recipient))
         self.segments[-1].text += text
         return [Delta(text, channel, recipient)]
 

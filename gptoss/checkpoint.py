@@ -12,7 +12,7 @@ import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -300,6 +300,3 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype))
 
 
-def iter_bytes_by_dtype(reader: CheckpointReader) -> Iterator[tuple[str, int]]:
-    for entry in reader.entries.values():
-        yield dtype_name(entry.dtype), entry.nbytes

@@ -11,7 +11,7 @@ import codecs
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gptoss.chat import StreamParser
+from gptoss.chat import Delta, StreamParser
 from gptoss.engine.engine import StepOutput, TokenLogprob
 from gptoss.sampling import SamplingParams, StopStringMatcher
 
@@ -26,18 +26,6 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Delta:
-    """A piece of streamed output. channel: 'analysis' (reasoning), 'commentary', 'final', or None
-    for a raw completion; recipient is set for tool-call argument text (e.g. 'functions.get_weather')."""
-
-    text: str
-    channel: str | None = None
-    recipient: str | None = None
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

@@ -42,7 +42,7 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_LENGTH = 512
 
 # Penalty input: a dense [B, V] count tensor, or per-row {token_id: count} dicts, or nothing.
-TokenCountsLike = Union[torch.Tensor, Sequence[Mapping[int, int]], None]
+TokenCountsLike = Union[Sequence[Mapping[int, int]], None]  # per row: token id -> times generated
 
 
 def _is_number(x: Any) -> bool:
@@ -197,37 +197,6 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     return generator
 
 
-class TokenCounts:
-    """Counts of generated tokens per batch slot, as a dense [slots, V] int32 tensor.
-
-    Dense counts keep the penalty a few batched tensor ops on the device, with no per-step Python
-    work proportional to the output length; the price is 4 bytes x V per slot (about 0.8 MB for
-    gpt-oss). Per-row dicts are also accepted by the sampler for small or CPU-only use.
-    """
-
-    def __init__(self, num_slots: int, vocab_size: int, device: torch.device | str | None = None):
-        self.counts = torch.zeros(num_slots, vocab_size, dtype=torch.int32, device=device)
-
-    def add(self, token_ids: torch.Tensor, slots: torch.Tensor | Sequence[int] | None = None) -> None:
-        """Count one new token per slot (`slots` defaults to 0..len(token_ids)-1)."""
-        token_ids = torch.as_tensor(token_ids, device=self.counts.device).long().view(-1)
-        if slots is None:
-            slots = torch.arange(token_ids.numel(), device=self.counts.device)
-        slots = torch.as_tensor(slots, device=self.counts.device).long().view(-1)
-        ones = torch.ones_like(token_ids, dtype=self.counts.dtype)
-        self.counts.index_put_((slots, token_ids), ones, accumulate=True)
-
-    def reset(self, slots: torch.Tensor | Sequence[int] | int) -> None:
-        """Forget the counts of finished slots before they are reused."""
-        self.counts[torch.as_tensor(slots, device=self.counts.device).long()] = 0
-
-    def rows(self, slots: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        """The [B, V] counts for the slots of this step's batch, in batch order."""
-        if slots is None:
-            return self.counts
-        return self.counts.index_select(0, torch.as_tensor(slots, device=self.counts.device).long())
-
-
 def apply_penalties(
     logits: torch.Tensor, params: Sequence[SamplingParams], output_token_counts: TokenCountsLike
 ) -> torch.Tensor:
@@ -241,21 +210,6 @@ def apply_penalties(
     if output_token_counts is None or not any(p.uses_penalties for p in params):
         return logits
     device = logits.device
-    if isinstance(output_token_counts, torch.Tensor):
-        if output_token_counts.shape != logits.shape:
-            raise ValueError(
-                f"output_token_counts has shape {tuple(output_token_counts.shape)}, "
-                f"logits have {tuple(logits.shape)}"
-            )
-        counts = output_token_counts.to(device=device, dtype=torch.float32)
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-        seen = counts > 0
-        out = torch.where(seen & (logits > 0), logits / rep, logits)
-        out = torch.where(seen & (logits <= 0), out * rep, out)
-        return out - freq * counts - pres * seen.float()
-
     # Sparse: gather only the seen (row, token) pairs, penalise them, scatter them back.
     if len(output_token_counts) != logits.shape[0]:
         raise ValueError(f"got {len(output_token_counts)} token-count rows for {logits.shape[0]} logits rows")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +189,3 @@ class LLMEngine:
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, **kwargs) -> "LLMEngine":
         return cls(Model.from_pretrained(path, device=device, dtype=dtype), **kwargs)
 
-
-def now() -> float:
-    return time.monotonic()

@@ -108,9 +108,7 @@ class ChoiceOutput:
             self.done = True
             if reason and not self.output.finish_reason:
                 self.output.finish_reason = reason
-            self.result = self.output.result()
-            if self.result.finish_reason == "stop" and self.tool_calls:
-                self.result.finish_reason = "tool_calls"
+            self.result = self.output.result()  # "stop" with tool calls is already "tool_calls"
         return self.result
 
     def _add(self, delta: Delta) -> list[Piece]:
