@@ -6,7 +6,7 @@ internet. This module finds a verified copy first, in this order:
 1. the folder named by ``TIKTOKEN_ENCODINGS_BASE``;
 2. the model folder: a published checkpoint ships ``tokenizer.json``, from which the ranks file is
    derived (and checked against the known sha256) into the per-user cache;
-3. the per-user cache (``$GPTOSS_CACHE`` or ``~/.cache/gptoss``, subfolder ``vocab``);
+3. the per-user cache (``gptoss.cache.cache_root()``, subfolder ``vocab``);
 4. the demo model that ships inside the package: its ``tokenizer.json`` is the full o200k_harmony
    one, so the vocabulary is derived from it the same way (every command works offline);
 5. the normal download, into the per-user cache.
@@ -29,11 +29,12 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from gptoss.cache import CACHE_ENV, cache_root
+
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 VOCAB_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 ENCODINGS_BASE_ENV = "TIKTOKEN_ENCODINGS_BASE"
-CACHE_ENV = "GPTOSS_CACHE"
 
 # Ranks 0..199997 are byte-pair tokens; 199998..201087 are special (vocab size 201088).
 NUM_BPE_TOKENS = 199_998
@@ -106,9 +107,8 @@ def _fix_hint() -> str:
 
 
 def cache_dir() -> Path:
-    """The per-user cache: `$GPTOSS_CACHE`, else `~/.cache/gptoss`."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "gptoss"
+    """The per-user cache (gptoss.cache.cache_root)."""
+    return cache_root()
 
 
 def _vocab_cache_dir() -> Path:

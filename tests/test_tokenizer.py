@@ -260,3 +260,17 @@ def test_write_tokenizer_json_reuses_the_cache(hf_folder, session_cache, tmp_pat
     assert written.read_bytes() == (hf_folder / "tokenizer.json").read_bytes()
     assert (tmp_path / "model" / "tokenizer_config.json").is_file()
     assert (tmp_path / "model" / "special_tokens_map.json").is_file()
+
+
+def test_one_cache_root_honours_xdg(monkeypatch, tmp_path):
+    from gptoss import cache
+    from gptoss.demo import _cache_root
+    from gptoss.ops import cpu
+
+    monkeypatch.delenv("GPTOSS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "gptoss"
+    assert cache.cache_root() == tok.cache_dir() == root
+    assert cpu.cache_dir() == root / "ext" and _cache_root() == root / "demo"
+    monkeypatch.setenv("GPTOSS_CACHE", str(tmp_path / "mine"))
+    assert tok.cache_dir() == tmp_path / "mine" and cpu.cache_dir() == tmp_path / "mine" / "ext"

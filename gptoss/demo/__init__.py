@@ -24,9 +24,9 @@ class DemoModelError(RuntimeError):
 
 
 def _cache_root() -> Path:
-    from gptoss.tokenizer import cache_dir
+    from gptoss.cache import cache_root
 
-    return cache_dir() / "demo"
+    return cache_root() / "demo"
 
 
 def demo_model_path() -> Path:

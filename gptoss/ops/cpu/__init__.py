@@ -49,12 +49,10 @@ _origin: str | None = None  # where the loaded library came from
 
 
 def cache_dir() -> Path:
-    """Where fallback builds live: $GPTOSS_CACHE/ext, else ~/.cache/gptoss/ext (XDG_CACHE_HOME honoured)."""
-    root = os.environ.get("GPTOSS_CACHE")
-    if root:
-        return Path(root).expanduser() / "ext"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gptoss" / "ext"
+    """Where fallback builds live: the `ext` folder of gptoss's cache (gptoss.cache.cache_root)."""
+    from gptoss.cache import cache_root
+
+    return cache_root() / "ext"
 
 
 def _installed_library() -> Path | None:
