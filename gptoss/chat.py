@@ -175,7 +175,13 @@ def render_prompt(encoding, messages: list[dict], *, tools: list[dict] | None = 
     messages, long_texts = _set_aside_long_texts(messages)
     conversation = build_conversation(messages, tools=tools, reasoning_effort=reasoning_effort,
                                       tool_choice=tool_choice)
-    tokens = encoding.render_conversation_for_completion(conversation, Role.ASSISTANT)
+    try:
+        tokens = encoding.render_conversation_for_completion(conversation, Role.ASSISTANT)
+    except BaseException as exc:  # openai-harmony panics (a BaseException) on some huge inputs
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ChatFormatError("messages: the conversation could not be rendered (openai-harmony failed on it; "
+                              "is some text extremely long?)") from None
     return _splice_long_texts(encoding, tokens, long_texts) if long_texts else tokens
 
 
