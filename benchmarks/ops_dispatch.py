@@ -106,14 +106,6 @@ def measure() -> dict:
     return {"rows": rows, "calls": calls_per_decode_step()}
 
 
-def worktree(ref: str) -> str:
-    root = os.path.join(tempfile.gettempdir(), f"gptoss-baseline-{ref}")
-    if not os.path.isdir(root):
-        subprocess.run(["git", "worktree", "add", "--detach", root, ref], check=True, capture_output=True,
-                       cwd=os.path.dirname(os.path.abspath(__file__)))
-    return root
-
-
 def table(title: str, result: dict) -> str:
     lines = [f"{title}", "| op | through gptoss.ops (µs) | kernel called directly (µs) | dispatch adds (µs) |",
              "|---|---:|---:|---:|"]
@@ -137,7 +129,10 @@ def main() -> int:
         return 0
     results = [("this checkout", measure())]
     if args.baseline:
-        root = worktree(args.baseline)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from serve_load import baseline_checkout
+
+        root = baseline_checkout(args.baseline)
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": root}, cwd=root, check=True)
         results.append((f"baseline {args.baseline}", json.loads(out.stdout.strip().splitlines()[-1])))
