@@ -12,18 +12,17 @@ import re
 import time
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from gptoss import chat as harmony_chat
 from gptoss.server.async_engine import EngineFailed, RequestStream
-from gptoss.server.errors import APIError, bad_request, from_value_error, parse_body
+from gptoss.server.errors import bad_request, from_value_error, parse_body
 from gptoss.server.outputs import ChoiceOutput, Piece, chat_logprobs, random_id, usage_dict
 from gptoss.server.protocol import ChatCompletionRequest, ChatMessage
 from gptoss.server.state import (ServerState, json_instructions, reject_logit_bias, sampling_params,
                                  validate_json_schema)
-from gptoss.server.streaming import SSE_HEADERS, ClientDisconnected, merged, sse, unless_disconnected
+from gptoss.server.streaming import Generation, merged, sse
 
 router = APIRouter()
 
@@ -160,31 +159,20 @@ def message_of(choice: ChoiceOutput) -> dict:
     return message
 
 
-class ChatCompletion:
+class ChatCompletion(Generation):
     """One chat completion request in flight: its choices, ids, and the two ways to answer."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest, streams: list[RequestStream],
                  choices: list[ChoiceOutput], request_id: str):
-        self.state, self.req, self.streams, self.choices = state, req, streams, choices
-        self.id = request_id
+        super().__init__(streams, choices)
+        self.state, self.req, self.id = state, req, request_id
         self.created = int(time.time())
         self.want_logprobs = bool(req.logprobs)
-
-    def _feed(self, index: int, out) -> list[Piece]:
-        choice = self.choices[index]
-        pieces = choice.feed(out)
-        if choice.done and not out.finished:  # a stop string matched: end it in the engine
-            self.streams[index].abort("stop")
-        return pieces
-
-    def abort_all(self) -> None:
-        for stream in self.streams:
-            stream.abort()
 
     async def collect(self) -> dict:
         try:
             async for index, out in merged(self.streams):
-                self._feed(index, out)
+                self.feed(index, out)
         finally:
             self.abort_all()
         choices = []
@@ -220,7 +208,7 @@ class ChatCompletion:
                 yield self._chunk(i, {"role": "assistant", "content": ""})
             async for index, out in merged(self.streams):
                 choice = self.choices[index]
-                for piece in self._feed(index, out):
+                for piece in self.feed(index, out):
                     logprobs = self._logprobs(piece.logprobs) if self.want_logprobs else None
                     yield self._chunk(index, delta_of(piece), logprobs=logprobs)
                 if choice.done:
@@ -233,7 +221,7 @@ class ChatCompletion:
                         "usage": usage_dict([c.finish() for c in self.choices])}
                 yield sse(body)
         except EngineFailed as exc:
-            yield sse(APIError(500, str(exc), type="server_error", code="engine_failed").body())
+            yield self.failed_event(exc)
         finally:
             self.abort_all()
         yield "data: [DONE]\n\n"
@@ -251,15 +239,4 @@ async def create_chat_completion(request: Request):
     streams = await state.submit([(prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)], arrival)
     choices = [ChoiceOutput(state.encoding, p, chat=True, prompt_tokens=len(prompt),
                             token_bytes=state.token_bytes) for p in params]
-    completion = ChatCompletion(state, req, streams, choices, request_id)
-    if req.stream:
-        return StreamingResponse(completion.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        body = await unless_disconnected(request, completion.collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineFailed as exc:
-        raise APIError(500, str(exc), type="server_error", code="engine_failed") from None
-    finally:
-        completion.abort_all()
-    return JSONResponse(body)
+    return await ChatCompletion(state, req, streams, choices, request_id).respond(request, bool(req.stream))

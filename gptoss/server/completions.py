@@ -5,16 +5,15 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from gptoss.server.async_engine import EngineFailed, RequestStream
-from gptoss.server.errors import APIError, bad_request, parse_body
+from gptoss.server.errors import bad_request, parse_body
 from gptoss.server.outputs import ChoiceOutput, random_id, token_text, usage_dict
 from gptoss.server.protocol import CompletionRequest
 from gptoss.server.state import ServerState, reject_logit_bias, sampling_params
-from gptoss.server.streaming import SSE_HEADERS, ClientDisconnected, merged, sse, unless_disconnected
+from gptoss.server.streaming import Generation, merged, sse
 
 router = APIRouter()
 
@@ -89,11 +88,11 @@ class TokenLog:
         return entry
 
 
-class Completion:
+class Completion(Generation):
     def __init__(self, state: ServerState, req: CompletionRequest, prompts: list[list[int]], n: int,
                  streams: list[RequestStream], choices: list[ChoiceOutput], request_id: str):
-        self.state, self.req, self.prompts, self.n = state, req, prompts, n
-        self.streams, self.choices, self.id = streams, choices, request_id
+        super().__init__(streams, choices)
+        self.state, self.req, self.prompts, self.n, self.id = state, req, prompts, n, request_id
         self.created = int(time.time())
         self.echo = [self._prompt_text(i) if req.echo else "" for i in range(len(choices))]
         self.logs = [TokenLog(state.token_bytes) if req.logprobs is not None else None for _ in self.echo]
@@ -103,10 +102,8 @@ class Completion:
         return self.state.text_encoding.decode(self.prompts[index // self.n])
 
     def _feed(self, index: int, out) -> tuple[str, list[dict]]:
-        choice = self.choices[index]
-        pieces = choice.feed(out)
-        if choice.done and not out.finished:
-            self.streams[index].abort("stop")
+        """The new text, and the logprob entries this step adds (the prompt's first, with echo)."""
+        pieces = self.feed(index, out)
         entries, prefix = [], ""
         log = self.logs[index]
         if log is not None and out.prompt_logprobs is not None:  # echo: the prompt's entries come first
@@ -115,10 +112,6 @@ class Completion:
         if log is not None and out.logprob is not None and out.token_id not in self.stop_ids[index]:
             entries.append(log.add(out.logprob))
         return prefix + "".join(p.text for p in pieces), entries
-
-    def abort_all(self) -> None:
-        for stream in self.streams:
-            stream.abort()
 
     async def collect(self) -> dict:
         try:
@@ -175,7 +168,7 @@ class Completion:
                 yield sse({"id": self.id, "object": "text_completion", "created": self.created,
                            "model": self.req.model, "choices": [], "usage": self._usage()})
         except EngineFailed as exc:
-            yield sse(APIError(500, str(exc), type="server_error", code="engine_failed").body())
+            yield self.failed_event(exc)
         finally:
             self.abort_all()
         yield "data: [DONE]\n\n"
@@ -195,15 +188,4 @@ async def create_completion(request: Request):
     streams = await state.submit(jobs, arrival, param="prompt")
     choices = [ChoiceOutput(state.encoding, params, chat=False, prompt_tokens=len(prompt),
                             token_bytes=state.token_bytes) for prompt, params, _ in jobs]
-    completion = Completion(state, req, prompts, n, streams, choices, request_id)
-    if req.stream:
-        return StreamingResponse(completion.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        body = await unless_disconnected(request, completion.collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineFailed as exc:
-        raise APIError(500, str(exc), type="server_error", code="engine_failed") from None
-    finally:
-        completion.abort_all()
-    return JSONResponse(body)
+    return await Completion(state, req, prompts, n, streams, choices, request_id).respond(request, bool(req.stream))

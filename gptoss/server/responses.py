@@ -13,8 +13,8 @@ import re
 import time
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from gptoss.generation import Result
@@ -25,7 +25,7 @@ from gptoss.server.outputs import ChoiceOutput, Segment, chat_logprobs, random_i
 from gptoss.server.protocol import (FunctionCallItem, FunctionCallOutputItem, InputMessage, ReasoningItem,
                                     ResponsesRequest)
 from gptoss.server.state import ServerState, json_instructions, sampling_params, validate_json_schema
-from gptoss.server.streaming import SSE_HEADERS, ClientDisconnected, sse, unless_disconnected
+from gptoss.server.streaming import Generation, sse
 
 router = APIRouter()
 
@@ -271,21 +271,19 @@ class ResponseBuilder:
         return events
 
 
-class ResponseRun:
+class ResponseRun(Generation):
     def __init__(self, state: ServerState, req: ResponsesRequest, stream: RequestStream,
                  builder: ResponseBuilder, conversation: list[dict]):
+        super().__init__([stream], [builder.choice])
         self.state, self.req, self.stream_, self.builder = state, req, stream, builder
         self.conversation = conversation
         self.choice = builder.choice
 
     def abort(self) -> None:
-        self.stream_.abort()
+        self.abort_all()
 
     def _feed(self, out):
-        pieces = self.choice.feed(out)
-        if self.choice.done and not out.finished:
-            self.stream_.abort("stop")
-        return pieces
+        return self.feed(0, out)
 
     def _store(self, body: dict) -> None:
         if self.req.store is not False:
@@ -402,17 +400,7 @@ async def create_response(request: Request):
     run = ResponseRun(state, req, stream, ResponseBuilder(state, req, response_id, choice), conversation)
     if req.background:
         return JSONResponse(run.start_background())
-    if req.stream:
-        return StreamingResponse(run.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        body = await unless_disconnected(request, run.collect())
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineFailed as exc:
-        raise APIError(500, str(exc), type="server_error", code="engine_failed") from None
-    finally:
-        run.abort()
-    return JSONResponse(body)
+    return await run.respond(request, bool(req.stream))
 
 
 def _stored(state: ServerState, response_id: str) -> dict:

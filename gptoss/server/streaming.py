@@ -7,10 +7,12 @@ import asyncio
 import json
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss.engine.engine import StepOutput
-from gptoss.server.async_engine import RequestStream
+from gptoss.server.async_engine import EngineFailed, RequestStream
+from gptoss.server.errors import APIError
 
 T = TypeVar("T")
 
@@ -90,3 +92,48 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
                 pass
             raise ClientDisconnected()
     return task.result()
+
+
+class Generation:
+    """What the three generating endpoints share: a request's engine streams and its choices,
+    feeding them, ending them, and answering at once or as a stream. Subclasses write `collect`
+    (the JSON body) and `stream` (the SSE events)."""
+
+    def __init__(self, streams: list[RequestStream], choices: list):
+        self.streams, self.choices = streams, choices
+
+    def feed(self, index: int, out: StepOutput) -> list:
+        """The choice's new pieces; a choice that ended early (a stop string) ends in the engine too."""
+        choice = self.choices[index]
+        pieces = choice.feed(out)
+        if choice.done and not out.finished:
+            self.streams[index].abort("stop")
+        return pieces
+
+    def abort_all(self) -> None:
+        for stream in self.streams:
+            stream.abort()
+
+    async def collect(self) -> dict:
+        raise NotImplementedError
+
+    def stream(self) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+    @staticmethod
+    def failed_event(exc: EngineFailed) -> str:
+        """The error event a stream ends with when the engine failed (then `[DONE]`)."""
+        return sse(APIError(500, str(exc), type="server_error", code="engine_failed").body())
+
+    async def respond(self, request: Request, streaming: bool) -> Response:
+        if streaming:
+            return StreamingResponse(self.stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            body = await unless_disconnected(request, self.collect())
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except EngineFailed as exc:
+            raise APIError(500, str(exc), type="server_error", code="engine_failed") from None
+        finally:
+            self.abort_all()
+        return JSONResponse(body)
