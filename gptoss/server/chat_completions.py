@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from gptoss import chat as harmony_chat
 from gptoss.server.async_engine import EngineFailed, RequestStream
 from gptoss.server.errors import bad_request, from_value_error, parse_body
-from gptoss.server.outputs import ChoiceOutput, Piece, chat_logprobs, random_id, usage_dict
+from gptoss.server.outputs import ChoiceOutput, Piece, chat_logprobs, random_id, tool_choice_for_render, usage_dict
 from gptoss.server.protocol import ChatCompletionRequest, ChatMessage
 from gptoss.server.state import (ServerState, json_instructions, reject_logit_bias, sampling_params,
                                  validate_json_schema)
@@ -87,14 +87,8 @@ def add_instructions(messages: list[dict], text: str) -> list[dict]:
 def tool_choice_value(req: ChatCompletionRequest):
     choice = req.tool_choice
     if choice is None or isinstance(choice, str):
-        if choice == "required" and not req.tools:
-            raise bad_request("tool_choice 'required' needs tools.", "tool_choice")
-        return choice
-    names = [tool.function.name for tool in req.tools or []]
-    if choice.function.name not in names:
-        raise bad_request(f"tool_choice names the function {choice.function.name!r}, which is not among the tools.",
-                          "tool_choice")
-    return {"type": "function", "function": {"name": choice.function.name}}
+        return tool_choice_for_render(choice, None, [tool.function.name for tool in req.tools or []])
+    return tool_choice_for_render(None, choice.function.name, [tool.function.name for tool in req.tools or []])
 
 
 def render(state: ServerState, messages: list[dict], *, tools: list[dict] | None, effort: str,
@@ -148,14 +142,9 @@ def delta_of(piece: Piece) -> dict:
 
 
 def message_of(choice: ChoiceOutput) -> dict:
-    text = "".join(s.text for s in choice.segments if s.kind == "text")
-    reasoning = "".join(s.text for s in choice.segments if s.kind == "reasoning")
-    calls = [{"id": s.call_id, "type": "function", "function": {"name": s.name, "arguments": s.text}}
-             for s in choice.tool_calls]
-    message = {"role": "assistant", "content": text if (text or not calls) else None,
-               "reasoning_content": reasoning or None, "reasoning": reasoning or None, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
+    message = choice.chat_message()
+    message["reasoning"] = message["reasoning_content"]  # both names (see the module doc)
+    message["refusal"] = None
     return message
 
 

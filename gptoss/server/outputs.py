@@ -19,6 +19,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
+from gptoss.server.errors import bad_request
 from gptoss.engine.engine import StepOutput, TokenLogprob
 from gptoss.generation import Delta, RequestOutput, Result
 from gptoss.sampling import SamplingParams
@@ -133,9 +134,35 @@ class ChoiceOutput:
         segment.logprobs += logprobs
         return [Piece(segment, delta.text, logprobs, new)]
 
+    def chat_message(self) -> dict:
+        """The choice as one assistant chat message: text, reasoning and tool calls (what Chat
+        Completions answers, and what a stored Responses conversation continues from)."""
+        text = "".join(s.text for s in self.segments if s.kind == "text")
+        reasoning = "".join(s.text for s in self.segments if s.kind == "reasoning")
+        calls = [{"id": s.call_id, "type": "function", "function": {"name": s.name, "arguments": s.text}}
+                 for s in self.tool_calls]
+        message: dict = {"role": "assistant", "content": text if (text or not calls) else None,
+                         "reasoning_content": reasoning or None}
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
     def all_logprobs(self) -> list[TokenLogprob]:
         """Every generated token's logprob, in order (what the pieces carried, then the rest)."""
         return [lp for s in self.segments for lp in s.logprobs] + self.pending
+
+
+def tool_choice_for_render(mode: str | None, function: str | None, tool_names: list[str]):
+    """An endpoint's tool_choice ("auto", "none", "required", or a named `function`) as
+    chat.render_prompt takes it; a named function must be among the tools."""
+    if function is None:
+        if mode == "required" and not tool_names:
+            raise bad_request("tool_choice 'required' needs tools.", "tool_choice")
+        return mode
+    if function not in tool_names:
+        raise bad_request(f"tool_choice names the function {function!r}, which is not among the tools.",
+                          "tool_choice")
+    return {"type": "function", "function": {"name": function}}
 
 
 # -- logprobs --------------------------------------------------------------------------------------

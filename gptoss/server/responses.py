@@ -21,7 +21,7 @@ from gptoss.generation import Result
 from gptoss.server.async_engine import EngineFailed, RequestStream
 from gptoss.server.chat_completions import add_instructions, message_text, render
 from gptoss.server.errors import APIError, bad_request, parse_body
-from gptoss.server.outputs import ChoiceOutput, Segment, chat_logprobs, random_id
+from gptoss.server.outputs import ChoiceOutput, Segment, chat_logprobs, random_id, tool_choice_for_render
 from gptoss.server.protocol import (FunctionCallItem, FunctionCallOutputItem, InputMessage, ReasoningItem,
                                     ResponsesRequest)
 from gptoss.server.state import ServerState, json_instructions, sampling_params, validate_json_schema
@@ -85,13 +85,8 @@ def format_instructions(req: ResponsesRequest) -> str | None:
 def tool_choice_value(req: ResponsesRequest):
     choice = req.tool_choice
     if choice is None or isinstance(choice, str):
-        if choice == "required" and not req.tools:
-            raise bad_request("tool_choice 'required' needs tools.", "tool_choice")
-        return choice
-    if choice.name not in [tool.name for tool in req.tools or []]:
-        raise bad_request(f"tool_choice names the function {choice.name!r}, which is not among the tools.",
-                          "tool_choice")
-    return {"type": "function", "function": {"name": choice.name}}
+        return tool_choice_for_render(choice, None, [tool.name for tool in req.tools or []])
+    return tool_choice_for_render(None, choice.name, [tool.name for tool in req.tools or []])
 
 
 def responses_sampling(req: ResponsesRequest):
@@ -201,16 +196,9 @@ class ResponseBuilder:
 
     def output_messages(self) -> list[dict]:
         """This response's output as one assistant chat message (for the stored conversation)."""
-        segments = self.choice.segments
-        text = "".join(s.text for s in segments if s.kind == "text")
-        reasoning = "".join(s.text for s in segments if s.kind == "reasoning")
-        calls = [{"id": s.call_id, "type": "function", "function": {"name": s.name, "arguments": s.text}}
-                 for s in segments if s.kind == "tool_call"]
-        message: dict = {"role": "assistant", "content": text if text or not calls else None}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        if calls:
-            message["tool_calls"] = calls
+        message = self.choice.chat_message()
+        if message["reasoning_content"] is None:
+            del message["reasoning_content"]
         return [message]
 
     # -- streaming events -------------------------------------------------------------------------
