@@ -99,3 +99,40 @@ def test_synth_works_offline_with_no_vocabulary_configured(tmp_path):
     run = subprocess.run([sys.executable, "-m", "gptoss.cli", "generate", str(tmp_path / "m"), "--prompt", "Hi",
                           "--max-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
+
+
+def test_serve_on_a_folder_without_a_model_names_the_missing_config(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_ENCODINGS_BASE"}
+    env["GPTOSS_CACHE"] = str(tmp_path / "empty-cache")
+    (tmp_path / "empty").mkdir()
+    out = subprocess.run([sys.executable, "-m", "gptoss.cli", "serve", str(tmp_path / "empty")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    _refused(out, "config.json")
+    assert "vocabulary" not in out.stderr
+
+
+def test_kernel_builds_are_keyed_by_their_source_and_shared(tmp_path):
+    """Two checkouts (or venvs) with the same kernel source use one build: the second start
+    compiles nothing."""
+    import os
+    import shutil
+
+    from gptoss.ops.cpu import build
+
+    copies = []
+    for name in ("a", "b"):
+        folder = tmp_path / name / "cpu"
+        shutil.copytree(build.SOURCE.parent, folder, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        copies.append(folder)
+    assert build.source_hash(copies[0] / "kernels.cpp") == build.source_hash(copies[1] / "kernels.cpp")
+    (copies[1] / "attention.h").write_text((copies[1] / "attention.h").read_text() + "\n// changed\n")
+    assert build.source_hash(copies[0] / "kernels.cpp") != build.source_hash(copies[1] / "kernels.cpp")
+    env = {**os.environ, "GPTOSS_CACHE": str(tmp_path / "cache"), "GPTOSS_KERNELS_LIBRARY": "build"}
+    code = "from gptoss.ops import cpu; assert cpu.available(), cpu.unavailable_reason(); print(cpu.library_path())"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "building" in first.stderr and "building" not in second.stderr
+    assert first.stdout == second.stdout

@@ -169,7 +169,10 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
     from gptoss.server.async_engine import AsyncEngine
     from gptoss.tokenizer import harmony_encoding, tiktoken_encoding
 
+    from gptoss.checkpoint import detect_layout
+
     path = Path(path)
+    detect_layout(path)  # a folder that is not a model says so first (before the vocabulary is looked for)
     encoding, text_encoding = harmony_encoding(path), tiktoken_encoding(path)  # fail fast on a missing vocab
     model = Model.from_pretrained(path, device=device, progress=progress, dense_int8=dense_int8)
     engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs)
