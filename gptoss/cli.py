@@ -181,7 +181,7 @@ def cmd_serve(args) -> None:
         state = build_state(args.path, served_model_name=args.served_model_name, api_key=args.api_key,
                             kv_cache_size=args.kv_cache_size, max_num_seqs=args.max_num_seqs,
                             max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8,
-                            strict_params=args.strict_params)
+                            strict_params=args.strict_params, ui=not args.no_ui)
     except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
         raise UsageError(str(exc)) from None
     run(state, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let running requests finish before ending them (default 30)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     p.add_argument("--strict-params", action="store_true",
                    help="refuse unknown request fields with 400 (default: ignore them with a logged warning)")
     p.add_argument("--dense-int8", action="store_true",

@@ -35,6 +35,7 @@ def test_wheel_holds_the_demo_model_and_the_kernels_and_stays_small(wheel):
     assert "gptoss/demo/gpt-oss-demo.tar.xz" in names
     assert "gptoss/ops/cpu/kernels.cpp" in names
     assert "gptoss/ops/cpu/_kernels.so" in names  # built at install time, not at first use
+    assert "gptoss/server/ui/index.html" in names  # the chat page
     # No Python or torch ABI in the library: one wheel per platform.
     assert wheel.name.endswith(".whl") and "-py3-none-" in wheel.name, wheel.name
     size = wheel.stat().st_size

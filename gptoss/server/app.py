@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from gptoss.server import chat_completions, completions, errors, responses
@@ -123,6 +123,13 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     errors.install(app)
     app.include_router(chat_completions.router)
+    if state.ui:
+        page = (Path(__file__).parent / "ui" / "index.html").read_bytes()
+
+        @app.get("/", include_in_schema=False)
+        async def chat_page():  # the chat page: static, it talks to /v1 like any client
+            return Response(page, media_type="text/html; charset=utf-8")
+
     app.include_router(responses.router)
     app.include_router(completions.router)
     app.add_middleware(APIMiddleware, state=state)
@@ -162,7 +169,8 @@ MIN_KV_CACHE_TOKENS = 1024  # less, and every chat request would be refused for 
 
 def build_state(path: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
                 kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
-                progress: bool = True, dense_int8: bool = False, strict_params: bool = False) -> ServerState:
+                progress: bool = True, dense_int8: bool = False, strict_params: bool = False,
+                ui: bool = True) -> ServerState:
     """Load the model and wrap it for serving."""
     from gptoss.engine.engine import LLMEngine
     from gptoss.model import Model
@@ -182,7 +190,7 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
                          f"for at least {smallest} (a chat prompt alone is about 100 tokens)")
     name = served_model_name or path.resolve().name
     return ServerState(AsyncEngine(engine, max_queue=max_queue), encoding, text_encoding, name, api_key,
-                       strict_params=strict_params, model_root=str(path.resolve()))
+                       strict_params=strict_params, model_root=str(path.resolve()), ui=ui)
 
 
 def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
@@ -191,7 +199,8 @@ def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_le
     for up to `shutdown_timeout` seconds, end the rest with an error event, and return. A second
     signal stops at once."""
     engine = state.engine
-    print(f"gptoss serve: {state.model_name} on http://{host}:{port}/v1 "
+    print(f"gptoss serve: {state.model_name} on http://{host}:{port}/v1"
+          f"{f' (chat page at http://{host}:{port}/)' if state.ui else ''} "
           f"(KV cache {engine.kv_cache_tokens} tokens, {engine.max_num_seqs} sequences, "
           f"queue {engine.max_queue}{', API key required' if state.api_key else ''})", flush=True)
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,

@@ -43,6 +43,7 @@ class ServerState:
     api_key: str | None = None
     strict_params: bool = False  # refuse unknown top-level request fields (default: ignore them, with a warning)
     model_root: str | None = None  # where the model was loaded from (/v1/models "root")
+    ui: bool = True  # serve the chat page at /
     created: int = field(default_factory=lambda: int(time.time()))
     responses: ResponseStore = field(default_factory=ResponseStore)
     background: dict = field(default_factory=dict)  # response id -> its running ResponseRun
