@@ -603,13 +603,15 @@ def test_too_many_stop_strings_are_refused(client):
 
 
 def test_health_answers_while_a_large_request_is_rendered(client):
-    """Rendering runs off the event loop: a ~1 MB prompt does not stall /health."""
+    """Rendering runs off the event loop: a ~1 MB prompt, or 10,000 stop strings, do not stall /health."""
     done = threading.Event()
     statuses = []
 
     def big():  # rendered in full, then refused for length by the 4096-token stand-in engine
         r = chat(client, messages=[{"role": "user", "content": "a" * 1_000_000}], max_tokens=1)
         statuses.append((r.status_code, r.json()["error"]["code"]))
+        r = chat(client, stop=[f"stop-{i}" for i in range(10_000)])
+        statuses.append((r.status_code, r.json()["error"]["param"]))
         done.set()
 
     thread = threading.Thread(target=big)
@@ -621,7 +623,7 @@ def test_health_answers_while_a_large_request_is_rendered(client):
         worst = max(worst, time.perf_counter() - start)
         time.sleep(0.01)
     thread.join()
-    assert statuses == [(400, "context_length_exceeded")]
+    assert statuses == [(400, "context_length_exceeded"), (400, "stop")]
     assert worst < 0.2, f"/health took {worst:.3f} s"
 
 

@@ -67,6 +67,11 @@ def test_the_page_answers_with_reasoning_above_the_answer(browser, demo_server):
     page.locator(".msg.assistant .answer").filter(has_text="873").first.wait_for(timeout=10_000)
     page.screenshot(path=str(ARTIFACTS / "reloaded.png"), full_page=True)
 
+    # Markdown and code blocks, as the page renders answers.
+    html = page.evaluate("markdown('Some **bold** and `code`.\\n\\n```python\\nprint(1 < 2)\\n```')")
+    assert "<strong>bold</strong>" in html and "<code>code</code>" in html
+    assert "<pre><code>print(1 &lt; 2)</code></pre>" in html
+
     # Phone width: still usable.
     phone = page_of(browser, demo_server.url, width=380)
     assert phone.get_by_label("Message").is_visible() and phone.get_by_label("Send").is_visible()
