@@ -7,6 +7,7 @@ with a warning; gptoss then builds the library at first use, or runs the plain-t
 """
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,10 +38,15 @@ class BuildKernels(build_ext):
         except RuntimeError as e:
             print(f"warning: gptoss CPU kernels not built ({e}); gptoss will build them at first use, "
                   f"or run its plain-torch path", file=sys.stderr)
+            return
+        # An editable install runs the package from the source tree, where gptoss looks for it.
+        if getattr(self, "editable_mode", False) or self.inplace:
+            target = ROOT / self.get_ext_filename(ext.name)
+            if target.resolve() != out.resolve():
+                shutil.copy2(out, target)
 
-    def copy_extensions_to_source(self):  # editable installs: copy only what was built
-        if all(Path(self.get_ext_fullpath(ext.name)).exists() for ext in self.extensions):
-            super().copy_extensions_to_source()
+    def copy_extensions_to_source(self):  # done by build_extension (a failed build leaves nothing to copy)
+        pass
 
 
 class PlatformWheel(bdist_wheel):
