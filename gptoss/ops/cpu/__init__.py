@@ -62,9 +62,8 @@ def _installed_library() -> Path | None:
 
 def _open(path: Path) -> ctypes.CDLL:
     """Load the library and check its interface version (its functions are declared once the
-    caller knows it was built from this source)."""
-    import torch  # noqa: F401  (torch's OpenMP runtime is loaded first, so the library shares it)
-
+    caller knows it was built from this source). torch, imported above, has loaded its OpenMP
+    runtime already, so the library shares it."""
     lib = ctypes.CDLL(str(path))
     if lib.gptoss_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has interface version {lib.gptoss_abi_version()}, this gptoss needs {ABI_VERSION}")
@@ -97,15 +96,12 @@ def _declare(lib: ctypes.CDLL) -> None:
 def _find_and_open() -> tuple[ctypes.CDLL, str]:
     wanted = os.environ.get("GPTOSS_KERNELS_LIBRARY", "").strip()
     if wanted and wanted != "build":
-        lib = _open(Path(wanted))
-        _declare(lib)
-        return lib, wanted
+        return _open(Path(wanted)), wanted
     tag = source_hash()
     installed = _installed_library()
     if installed is not None and wanted != "build":
         lib = _open(installed)
         if lib.gptoss_source_hash().decode() == tag:
-            _declare(lib)
             return lib, str(installed)
         log.info("the installed CPU kernels were built from another kernels.cpp; building this one")
     built = cache_dir() / f"gptoss_kernels_{tag}.so"
@@ -114,9 +110,7 @@ def _find_and_open() -> tuple[ctypes.CDLL, str]:
         start = time.perf_counter()
         compile_library(built)
         log.info("built gptoss CPU kernels in %.1f s (%s)", time.perf_counter() - start, built)
-    lib = _open(built)
-    _declare(lib)
-    return lib, str(built)
+    return _open(built), str(built)
 
 
 def _apply_env(setter, variable: str) -> None:
@@ -138,7 +132,9 @@ def _load() -> ctypes.CDLL | None:
         if _lib is not None or _error is not None:
             return _lib
         try:
-            _lib, _origin = _find_and_open()
+            lib, origin = _find_and_open()
+            _declare(lib)
+            _lib, _origin = lib, origin
         except Exception as e:  # no compiler, a compile error, a broken file: keep working without
             lines = [line for line in str(e).strip().splitlines() if line.strip()]
             _error = f"{type(e).__name__}: {lines[-1] if lines else e}"
