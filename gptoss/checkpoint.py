@@ -201,7 +201,8 @@ def detect_layout(folder: Path) -> tuple[Path, str, ModelConfig]:
     that holds only `original/`."""
     folder = Path(folder)
     if not folder.exists():
-        raise CheckpointError(f"model path {folder} does not exist")
+        raise CheckpointError(f"model path {folder} does not exist (for a model on the Hugging Face Hub, give its id "
+                              f"as owner/name, e.g. openai/gpt-oss-20b)")
     if not folder.is_dir():
         raise CheckpointError(f"model path {folder} is not a folder; pass the folder holding config.json")
     if not (folder / "config.json").exists() and (folder / "original" / "config.json").exists():

@@ -56,12 +56,24 @@ def _write_tokenizer(folder: Path) -> None:
 
 
 def resolve_model(args) -> None:
-    """args.path <- the positional folder, --model, or the built-in demo model when neither is given."""
+    """args.path <- the positional folder or Hub id, --model, or the built-in demo model when neither
+    is given. A Hub id is downloaded here (or found in the Hub cache); `inspect` reads its metadata."""
     if args.path and args.model and Path(args.path) != Path(args.model):
         raise UsageError(f"two models given ({args.path} and --model {args.model}); pass one")
+    args.hub_id = None
     if args.path or args.model:
         args.path = args.path or args.model
+        from gptoss import hub
+
+        if hub.is_hub_id(args.path):
+            args.hub_id = args.path
+            if args.command != "inspect":
+                args.path = str(hub.resolve(args.hub_id, args.revision))
+        elif args.revision is not None:
+            raise UsageError(f"--revision applies to a Hub id (owner/name), and {args.path} is a local path")
         return
+    if args.revision is not None:
+        raise UsageError("--revision applies to a Hub id (owner/name); give one")
     from gptoss.demo import DemoModelError, demo_model_path
 
     try:
@@ -70,10 +82,23 @@ def resolve_model(args) -> None:
         raise UsageError(str(exc)) from None
 
 
+def cmd_download(args) -> None:
+    from gptoss import hub
+
+    if not hub.is_hub_id(args.name):
+        raise UsageError(f"{args.name} is not a Hub model id (owner/name, e.g. openai/gpt-oss-20b)")
+    print(hub.download(args.name, args.revision))
+
+
 def cmd_inspect(args) -> None:
     from gptoss.footprint import footprint
 
-    fp = footprint(args.path)
+    if args.hub_id:
+        from gptoss.hub import remote_footprint
+
+        fp = remote_footprint(args.hub_id, args.revision)
+    else:
+        fp = footprint(args.path)
     cfg = fp.config
     counts = cfg.param_counts()
     print(f"model       {fp.folder} ({fp.layout} layout)")
@@ -178,7 +203,8 @@ def cmd_serve(args) -> None:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
-        state = build_state(args.path, served_model_name=args.served_model_name, api_key=args.api_key,
+        state = build_state(args.path, served_model_name=args.served_model_name or args.hub_id,
+                            api_key=args.api_key,
                             kv_cache_size=args.kv_cache_size, max_num_seqs=args.max_num_seqs,
                             max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8,
                             strict_params=args.strict_params, ui=not args.no_ui)
@@ -188,9 +214,11 @@ def cmd_serve(args) -> None:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", nargs="?", default=None,
-                   help="model folder (default: the demo model that ships with gptoss)")
-    p.add_argument("--model", default=None, help="model folder (the same as the positional PATH)")
+    p.add_argument("path", nargs="?", default=None, metavar="MODEL",
+                   help="model folder or Hugging Face Hub id such as openai/gpt-oss-20b (default: the demo "
+                        "model that ships with gptoss)")
+    p.add_argument("--model", default=None, help="the same as the positional MODEL")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model (default: main)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a checkpoint's config, sizes and bytes read per token")
     add_model_arguments(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("download", help="fetch a model from the Hugging Face Hub into its cache, without running it")
+    p.add_argument("name", metavar="NAME", help="Hub id, e.g. openai/gpt-oss-20b")
+    p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal")
     add_model_arguments(p)
@@ -254,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require this key as 'Authorization: Bearer KEY' on /v1")
-    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: folder name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients use (default: the Hub id or folder name)")
     p.add_argument("--kv-cache-size", default=None, help="KV cache size: tokens (65536) or bytes (4GB, 512MiB)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot; more get 429")
@@ -274,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from gptoss.checkpoint import CheckpointError
     from gptoss.config import ConfigError
+    from gptoss.hub import HubError
     from gptoss.tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
@@ -281,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "model"):
             resolve_model(args)
         return args.func(args) or 0
-    except (UsageError, ConfigError, CheckpointError, TokenizerError) as exc:
+    except (UsageError, ConfigError, CheckpointError, TokenizerError, HubError) as exc:
         print(f"gptoss {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

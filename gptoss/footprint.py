@@ -54,7 +54,11 @@ def bytes_read_per_token(config: ModelConfig, reader: CheckpointReader, layout: 
 
 def footprint(path: str | Path) -> Footprint:
     folder, layout, config = detect_layout(Path(path))
-    reader = CheckpointReader(folder)
+    return footprint_of(folder, layout, config, CheckpointReader(folder))
+
+
+def footprint_of(folder, layout: str, config: ModelConfig, reader) -> Footprint:
+    """`reader` needs only `entries` (name -> TensorEntry) and `in`: the headers, not the data."""
     # MXFP4 blocks or float matrices: the tensors say which, whatever config.json claims.
     config = with_stored_expert_format(reader, layout, config)
     by_dtype = Counter()

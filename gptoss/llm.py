@@ -69,11 +69,17 @@ class GenerationStream:
 
 
 class LLM:
-    def __init__(self, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                 progress: bool = False, dense_int8: bool = False, **engine_options):
-        if path is None:  # the demo model that ships with gptoss
+    def __init__(self, path: str | Path | None = None, *, revision: str | None = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16, progress: bool = False, dense_int8: bool = False,
+                 **engine_options):
+        """`path`: a model folder, a Hugging Face Hub id (`openai/gpt-oss-20b`, at `revision`), or
+        None for the demo model that ships with gptoss."""
+        if path is None:
             from gptoss.demo import demo_model_path
             path = demo_model_path()
+        else:
+            from gptoss.hub import resolve
+            path = resolve(path, revision)
         self.path = Path(path)
         self.model = Model.from_pretrained(path, device=device, dtype=dtype, progress=progress,
                                            dense_int8=dense_int8)

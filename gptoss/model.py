@@ -242,15 +242,19 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.bfloat16, progress: bool = False,
-                        dense_int8: bool = False) -> "Model":
-        """Load a Hugging Face or `original/` checkpoint folder.
+                        dense_int8: bool = False, revision: str | None = None) -> "Model":
+        """Load a Hugging Face or `original/` checkpoint folder, or a Hub id (`openai/gpt-oss-20b`,
+        downloaded into the Hugging Face cache, see gptoss.hub).
 
         Tensors are memory-mapped; those already in the wanted dtype on the CPU are used in place.
         Experts stay MXFP4. Any missing, unexpected or misshaped tensor raises CheckpointError
         before a model is returned. `dense_int8` quantizes the attention projections and lm_head
         (see Int8Linear); the CPU int8 kernels need AVX-512 VNNI, elsewhere it is refused.
         """
-        folder, layout, config = detect_layout(Path(path))
+        from gptoss.hub import resolve
+
+        path = resolve(path, revision)
+        folder, layout, config = detect_layout(path)
         reader = CheckpointReader(folder)
         config = with_stored_expert_format(reader, layout, config)
         ops.select(device)  # decide the kernels (and build or report them) now, not mid-forward
