@@ -15,6 +15,7 @@ consumed side by side, or `generate` may be given a list of prompts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,6 +27,7 @@ from gptoss.engine.engine import LLMEngine
 from gptoss.generation import Delta, RequestOutput, Result
 from gptoss.model import Model
 from gptoss.sampling import SamplingParams
+from gptoss.structured import Structurer, add_instructions, response_format_instructions
 from gptoss.tokenizer import harmony_encoding, tiktoken_encoding
 
 _request_ids = itertools.count()
@@ -90,24 +92,40 @@ class LLM:
 
     # -- chat --------------------------------------------------------------------------------
     def chat_stream(self, messages: list[dict], *, tools: list[dict] | None = None,
-                    reasoning_effort: str = "medium", tool_choice=None, **sampling) -> GenerationStream:
+                    reasoning_effort: str = "medium", tool_choice=None, response_format: dict | None = None,
+                    max_reasoning_tokens: int | None = None, **sampling) -> GenerationStream:
+        """`response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+        {"name", "schema"}}), a forced `tool_choice` ("required" or a named function), strict
+        tools and `max_reasoning_tokens` are enforced while decoding (gptoss.structured)."""
+        params = SamplingParams.from_kwargs(**sampling)
+        grammar = self.structurer.chat_request_grammar(tools=tools, tool_choice=tool_choice,
+                                                       response_format=response_format,
+                                                       max_reasoning_tokens=max_reasoning_tokens)
+        extra = response_format_instructions(response_format)
+        if extra:
+            messages = add_instructions(messages, extra)
         prompt = harmony_chat.render_prompt(self.encoding, messages, tools=tools,
                                             reasoning_effort=reasoning_effort, tool_choice=tool_choice)
-        return self._start(prompt, SamplingParams.from_kwargs(**sampling), chat=True)
+        return self._start(prompt, params, chat=True, constraint=self.structurer.matcher(grammar))
 
     def chat(self, messages: list[dict], **options) -> Result:
         return self.chat_stream(messages, **options).collect()
 
     # -- raw completion ------------------------------------------------------------------------
-    def generate_stream(self, prompt: str | Sequence[int], **sampling) -> GenerationStream:
-        return self._start(self.encode(prompt), SamplingParams.from_kwargs(**sampling), chat=False)
+    def generate_stream(self, prompt: str | Sequence[int], *, json_schema: dict | str | None = None,
+                        regex: str | None = None, grammar: str | None = None, **sampling) -> GenerationStream:
+        """A raw completion; `json_schema`, `regex` or `grammar` (Lark, llguidance's dialect)
+        constrain it from the first token."""
+        params = SamplingParams.from_kwargs(**sampling)
+        constraint = self.structurer.text_grammar(json_schema=json_schema, regex=regex, grammar=grammar)
+        return self._start(self.encode(prompt), params, chat=False, constraint=self.structurer.matcher(constraint))
 
-    def generate(self, prompt: str | Sequence[int] | list, **sampling) -> Result | list[Result]:
+    def generate(self, prompt: str | Sequence[int] | list, **options) -> Result | list[Result]:
         """One prompt (text or token ids) -> Result; a list of text prompts -> a list, run as one batch."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            streams = [self.generate_stream(p, **sampling) for p in prompt]
+            streams = [self.generate_stream(p, **options) for p in prompt]
             return [s.collect() for s in streams]
-        return self.generate_stream(prompt, **sampling).collect()
+        return self.generate_stream(prompt, **options).collect()
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -118,11 +136,15 @@ class LLM:
         return self._text_encoding.decode(list(token_ids))
 
     # -- the engine loop, driven by whichever stream needs output -----------------------------
-    def _start(self, prompt: list[int], params: SamplingParams, chat: bool) -> GenerationStream:
+    @functools.cached_property
+    def structurer(self) -> Structurer:
+        return Structurer(self._text_encoding, self.model.config.vocab_size)
+
+    def _start(self, prompt: list[int], params: SamplingParams, chat: bool, constraint=None) -> GenerationStream:
         request_id = f"req-{next(_request_ids)}"
         output = RequestOutput(self.encoding, params, chat=chat, prompt_tokens=len(prompt),
                                token_bytes=self._text_encoding.decode_single_token_bytes)
-        self.engine.add_request(prompt, params, request_id)
+        self.engine.add_request(prompt, params, request_id, constraint=constraint)
         stream = GenerationStream(self, request_id, output)
         self._streams[request_id] = stream
         return stream

@@ -277,7 +277,10 @@ class Sampler:
         params: Sequence[SamplingParams] | SamplingParams,
         output_token_counts: TokenCountsLike = None,
         generators: Sequence[torch.Generator | None] | None = None,
+        masks: tuple[torch.Tensor, list[int]] | None = None,
     ) -> SampleOutput:
+        """`masks`: (int32 bitmask [B, V/32], rows it applies to) of structured-output constraints;
+        a constrained row samples only among the tokens its bits allow."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
@@ -292,6 +295,9 @@ class Sampler:
         device = logits.device
 
         logits = apply_penalties(logits, params, output_token_counts)
+        if masks is not None:
+            from gptoss.structured import apply_masks
+            logits = apply_masks(logits, *masks)
         token_ids = logits.argmax(dim=-1)
 
         # Sample the non-greedy rows as one sub-batch; greedy rows keep their argmax.

@@ -84,7 +84,7 @@ class ScriptedEngine:
         self.step_delay = 0.0
         self.lock = threading.Lock()
 
-    def add_request(self, prompt_token_ids, params, request_id=""):
+    def add_request(self, prompt_token_ids, params, request_id="", constraint=None):
         if len(prompt_token_ids) >= self.context_length:
             raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; this server holds at most "
                                f"{self.context_length} tokens per request")

@@ -443,3 +443,107 @@ def test_completions_echo_with_logprobs_scores_the_prompt(client):
     streamed = [t for c in chunks for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
     assert streamed == log.tokens
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+
+
+# -- structured outputs, enforced while decoding (gptoss.structured) ------------------------------------
+
+CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+ZONE_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+ANSWER = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "sure": {"type": "boolean"}},
+          "required": ["answer", "sure"], "additionalProperties": False}
+
+
+def _tool_schema(name: str) -> dict:
+    return {"get_weather": CITY_TOOL, "get_time": ZONE_TOOL}[name]["function"]["parameters"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_tool_calls_through_the_openai_client(client, choice, stream):
+    import jsonschema
+
+    for seed in range(3):
+        kwargs = dict(model=MODEL, messages=USER, tools=[CITY_TOOL, ZONE_TOOL], tool_choice=choice, seed=seed,
+                      max_tokens=120, extra_body={"max_reasoning_tokens": 4})
+        if stream:
+            calls, finish = {}, None
+            for chunk in client.chat.completions.create(stream=True, **kwargs):
+                for choice_delta in chunk.choices:
+                    finish = choice_delta.finish_reason or finish
+                    for call in choice_delta.delta.tool_calls or []:
+                        entry = calls.setdefault(call.index, {"name": "", "arguments": ""})
+                        entry["name"] += call.function.name or ""
+                        entry["arguments"] += call.function.arguments or ""
+            assert finish == "tool_calls" and len(calls) == 1
+            name, arguments = calls[0]["name"], calls[0]["arguments"]
+        else:
+            out = client.chat.completions.create(**kwargs).choices[0]
+            assert out.finish_reason == "tool_calls" and len(out.message.tool_calls) == 1
+            name, arguments = out.message.tool_calls[0].function.name, out.message.tool_calls[0].function.arguments
+        if isinstance(choice, dict):
+            assert name == "get_time"
+        jsonschema.validate(json.loads(arguments), _tool_schema(name))
+
+
+def test_tool_choice_none_never_calls_through_the_server(client):
+    for seed in range(3):
+        out = client.chat.completions.create(model=MODEL, messages=USER, tools=[CITY_TOOL], tool_choice="none",
+                                             seed=seed, max_tokens=40, extra_body={"max_reasoning_tokens": 4})
+        assert not out.choices[0].message.tool_calls and out.choices[0].finish_reason != "tool_calls"
+
+
+def test_response_format_json_schema_is_enforced(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
+    for seed in range(3):
+        out = client.chat.completions.create(model=MODEL, messages=USER, response_format=fmt, seed=seed,
+                                             max_tokens=80, extra_body={"max_reasoning_tokens": 6})
+        assert out.choices[0].finish_reason == "stop"
+        assert out.usage.completion_tokens_details.reasoning_tokens <= 6
+        jsonschema.validate(json.loads(out.choices[0].message.content), ANSWER)
+
+
+def test_responses_text_format_and_forced_call(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "name": "answer", "schema": ANSWER}
+    out = client.responses.create(model=MODEL, input="Two plus two?", text={"format": fmt}, max_output_tokens=80,
+                                  extra_body={"max_reasoning_tokens": 6})
+    jsonschema.validate(json.loads(out.output_text), ANSWER)
+    tool = {"type": "function", **ZONE_TOOL["function"]}
+    out = client.responses.create(model=MODEL, input="Time?", tools=[tool], tool_choice="required",
+                                  max_output_tokens=80, extra_body={"max_reasoning_tokens": 4})
+    calls = [item for item in out.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_time"
+    jsonschema.validate(json.loads(calls[0].arguments), _tool_schema("get_time"))
+
+
+def test_completions_guided_json_extension(client):
+    import jsonschema
+
+    out = client.completions.create(model=MODEL, prompt="Data:", max_tokens=80, seed=1,
+                                    extra_body={"guided_json": ANSWER})
+    jsonschema.validate(json.loads(out.choices[0].text), ANSWER)
+    out = client.completions.create(model=MODEL, prompt="Code:", max_tokens=20, seed=2,
+                                    extra_body={"guided_regex": "[A-Z]{2}[0-9]{3}"})
+    assert len(out.choices[0].text) == 5 and out.choices[0].text[:2].isupper()
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "intger"}}}}}},
+     "response_format.json_schema.schema.properties.a.type"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "(unclosed"}, "guided_regex"),
+    ("/v1/chat/completions", {"messages": USER, "max_reasoning_tokens": -1}, "max_reasoning_tokens"),
+])
+def test_bad_constraints_are_400_naming_the_part(http, path, body, param):
+    response = http.post(path, json={"model": MODEL, "max_tokens": 5, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text

@@ -110,9 +110,10 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str = "",
-                    default_stop_ids=None) -> Sequence:
+                    default_stop_ids=None, constraint=None) -> Sequence:
         """Queue a request; it stops at the model's eos ids (generation_config.json) unless
-        `default_stop_ids` or the params say otherwise."""
+        `default_stop_ids` or the params say otherwise. `constraint` (gptoss.structured.TokenMatcher)
+        limits every token it samples to those its grammar allows."""
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -129,7 +130,8 @@ class LLMEngine:
         max_tokens = min(params.max_tokens or room, room)
         seq = Sequence(list(prompt_token_ids), params, request_id=request_id,
                        stop_token_ids=params.stop_token_set(self.model.config.eos_token_ids if default_stop_ids is None
-                                                            else default_stop_ids), max_tokens=max_tokens)
+                                                            else default_stop_ids), max_tokens=max_tokens,
+                       constraint=constraint)
         self.scheduler.add(seq)
         return seq
 

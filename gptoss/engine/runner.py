@@ -150,6 +150,22 @@ class ModelRunner:
             return {}
         params = [s.params for s in seqs]
         counts = [Counter(s.output_token_ids) for s in seqs] if any(p.uses_penalties for p in params) else None
-        out = self.sampler.sample(logits.float(), params, counts, [s.generator for s in seqs])
+        masks = self.constraint_masks(seqs, logits.shape[-1])
+        out = self.sampler.sample(logits.float(), params, counts, [s.generator for s in seqs], masks)
         tokens = out.token_ids.tolist()
+        for i in masks[1] if masks else ():
+            seqs[i].constraint.advance(tokens[i])
         return {id(s): (tokens[i], out, i) for i, s in enumerate(seqs)}
+
+    @staticmethod
+    def constraint_masks(seqs: list, vocab_size: int) -> tuple[torch.Tensor, list[int]] | None:
+        """(bitmask [B, V/32], constrained rows) for the rows with a structured-output constraint."""
+        rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        if not rows:
+            return None
+        from gptoss.structured import new_bitmask
+
+        bitmask = new_bitmask(len(seqs), vocab_size)
+        for i in rows:
+            seqs[i].constraint.fill_mask(bitmask, i)
+        return bitmask, rows

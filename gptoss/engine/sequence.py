@@ -37,6 +37,8 @@ class Sequence:
     # With params.prompt_logprobs: (token, logprob, top alternatives) of each prompt token so far,
     # None for the first (nothing comes before it).
     prompt_logprobs: list | None = None
+    # A structured-output constraint (gptoss.structured.TokenMatcher): masks this row's logits.
+    constraint: object | None = None
 
     def __post_init__(self):
         if not self.request_id:

@@ -139,10 +139,10 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive()
 
     # -- submitting ----------------------------------------------------------------------------
-    async def submit_many(self, requests: Sequence[tuple[list[int], SamplingParams, str]], *,
-                          arrival: float | None = None) -> list[RequestStream]:
-        """Admit all requests or none. Raises EngineOverloaded, or the engine's RequestError
-        (a ValueError: prompt too long for the context or the cache)."""
+    async def submit_many(self, requests: Sequence[tuple], *, arrival: float | None = None) -> list[RequestStream]:
+        """Admit all requests, each (prompt ids, params, request id[, structured-output constraint]),
+        or none. Raises EngineOverloaded, or the engine's RequestError (a ValueError: prompt too long
+        for the context or the cache)."""
         if self._thread is None:
             raise EngineFailed("the engine is not running")
         if self.draining:
@@ -152,14 +152,14 @@ class AsyncEngine:
             raise EngineOverloaded(self.limit)
         arrival = time.monotonic() if arrival is None else arrival
         streams, futures = [], []
-        for prompt_ids, params, request_id in requests:
+        for prompt_ids, params, request_id, *_ in requests:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-        for prompt_ids, params, request_id in requests:
+        for prompt_ids, params, request_id, *constraint in requests:
             stream = RequestStream(self, request_id, len(prompt_ids), arrival)
             self._streams[request_id] = stream
             future = self._loop.create_future()
-            self._commands.put(("add", request_id, list(prompt_ids), params, future))
+            self._commands.put(("add", request_id, list(prompt_ids), params, (constraint or [None])[0], future))
             streams.append(stream)
             futures.append(future)
         self._update_queue_gauges()
@@ -272,9 +272,9 @@ class AsyncEngine:
     def _execute(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt_ids, params, future = command
+            _, request_id, prompt_ids, params, constraint, future = command
             try:
-                self.engine.add_request(prompt_ids, params, request_id)
+                self.engine.add_request(prompt_ids, params, request_id, constraint=constraint)
                 self._live.add(request_id)
                 error = None
             except Exception as exc:  # RequestError (400) or a bug; either way the caller hears of it

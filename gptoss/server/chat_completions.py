@@ -20,9 +20,10 @@ from gptoss.server.async_engine import EngineFailed, RequestStream
 from gptoss.server.errors import bad_request, from_value_error, parse_body
 from gptoss.server.outputs import ChoiceOutput, Piece, chat_logprobs, random_id, tool_choice_for_render, usage_dict
 from gptoss.server.protocol import ChatCompletionRequest, ChatMessage
-from gptoss.server.state import (ServerState, json_instructions, reject_logit_bias, sampling_params,
+from gptoss.server.state import (ServerState, reject_logit_bias, sampling_params,
                                  validate_json_schema)
 from gptoss.server.streaming import Generation, merged, sse
+from gptoss.structured import StructuredOutputError, add_instructions, json_instructions
 
 router = APIRouter()
 
@@ -75,15 +76,6 @@ def response_format_instructions(req: ChatCompletionRequest) -> str | None:
     return json_instructions("json_object", None, None, None)
 
 
-def add_instructions(messages: list[dict], text: str) -> list[dict]:
-    """Append text to the developer instructions (the first system/developer message, or a new one)."""
-    for i, message in enumerate(messages):
-        if message["role"] in ("system", "developer"):
-            merged = dict(message, content=f"{message.get('content') or ''}\n\n{text}".strip())
-            return messages[:i] + [merged] + messages[i + 1:]
-    return [{"role": "developer", "content": text}] + messages
-
-
 def tool_choice_value(req: ChatCompletionRequest):
     choice = req.tool_choice
     if choice is None or isinstance(choice, str):
@@ -111,6 +103,18 @@ def build_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools or []]
     return render(state, messages, tools=tools, effort=req.reasoning_effort or "medium",
                   tool_choice=tool_choice_value(req))
+
+
+def request_grammar(state: ServerState, req: ChatCompletionRequest) -> str | None:
+    """The grammar enforcing response_format, a forced tool_choice, strict tools and
+    max_reasoning_tokens (None when the request constrains nothing); a bad schema is a 400."""
+    fmt = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+    try:
+        return state.structurer.chat_request_grammar(
+            tools=[tool.model_dump(exclude_none=True) for tool in req.tools or []], tool_choice=tool_choice_value(req),
+            response_format=fmt, max_reasoning_tokens=req.max_reasoning_tokens, param="response_format.json_schema")
+    except StructuredOutputError as exc:
+        raise bad_request(str(exc), exc.param) from None
 
 
 def chat_sampling(req: ChatCompletionRequest):
@@ -224,8 +228,11 @@ async def create_chat_completion(request: Request):
     state.check_model(req.model)
     params = chat_sampling(req)
     prompt = await run_in_threadpool(build_prompt, state, req)  # off the event loop: /health stays quick
+    grammar = await run_in_threadpool(request_grammar, state, req)
+    constraints = await run_in_threadpool(state.constraints, grammar, len(params))
     request_id = random_id("chatcmpl-")
-    streams = await state.submit([(prompt, p, f"{request_id}-{i}") for i, p in enumerate(params)], arrival)
+    streams = await state.submit([(prompt, p, f"{request_id}-{i}", c)
+                                  for i, (p, c) in enumerate(zip(params, constraints))], arrival)
     choices = [ChoiceOutput(state.encoding, p, chat=True, prompt_tokens=len(prompt),
                             token_bytes=state.token_bytes) for p in params]
     return await ChatCompletion(state, req, streams, choices, request_id).respond(request, bool(req.stream))

@@ -14,6 +14,7 @@ from gptoss.server.outputs import ChoiceOutput, random_id, token_text, usage_dic
 from gptoss.server.protocol import CompletionRequest
 from gptoss.server.state import ServerState, reject_logit_bias, sampling_params
 from gptoss.server.streaming import Generation, merged, sse
+from gptoss.structured import StructuredOutputError
 
 router = APIRouter()
 
@@ -174,6 +175,22 @@ class Completion(Generation):
         yield "data: [DONE]\n\n"
 
 
+def completion_grammar(state: ServerState, req: CompletionRequest) -> str | None:
+    fmt = req.response_format
+    schema = fmt.json_schema.schema_ if fmt and fmt.type == "json_schema" and fmt.json_schema else None
+    if fmt and fmt.type == "json_schema" and schema is None:
+        raise bad_request("response_format of type 'json_schema' needs a 'json_schema' object with a 'schema'.",
+                          "response_format.json_schema")
+    try:
+        return state.structurer.text_grammar(
+            json_schema=req.guided_json if req.guided_json is not None else schema, regex=req.guided_regex,
+            grammar=req.guided_grammar, json_object=bool(fmt and fmt.type == "json_object"),
+            names={"json_schema": "guided_json" if req.guided_json is not None else "response_format.json_schema.schema",
+                   "regex": "guided_regex", "grammar": "guided_grammar"})
+    except StructuredOutputError as exc:
+        raise bad_request(str(exc), exc.param) from None
+
+
 @router.post("/v1/completions")
 async def create_completion(request: Request):
     state: ServerState = request.app.state.server
@@ -184,8 +201,11 @@ async def create_completion(request: Request):
     prompts = await run_in_threadpool(prompts_of, state, req)  # off the event loop
     n = len(params)
     request_id = random_id("cmpl-")
-    jobs = [(prompt, p, f"{request_id}-{i * n + j}") for i, prompt in enumerate(prompts) for j, p in enumerate(params)]
+    grammar = await run_in_threadpool(completion_grammar, state, req)
+    constraints = iter(await run_in_threadpool(state.constraints, grammar, len(prompts) * n))
+    jobs = [(prompt, p, f"{request_id}-{i * n + j}", next(constraints))
+            for i, prompt in enumerate(prompts) for j, p in enumerate(params)]
     streams = await state.submit(jobs, arrival, param="prompt")
     choices = [ChoiceOutput(state.encoding, params, chat=False, prompt_tokens=len(prompt),
-                            token_bytes=state.token_bytes) for prompt, params, _ in jobs]
+                            token_bytes=state.token_bytes) for prompt, params, *_ in jobs]
     return await Completion(state, req, prompts, n, streams, choices, request_id).respond(request, bool(req.stream))

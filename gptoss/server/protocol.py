@@ -129,6 +129,8 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Effort | None = None
     response_format: ResponseFormat | None = None
+    # gptoss: at most this many reasoning tokens, then the answer (or the forced call) is forced.
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)
     modalities: list[Literal["text"]] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -155,6 +157,12 @@ class CompletionRequest(SamplingFields):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs, an extension with vLLM's names: the completion follows a JSON schema
+    # (guided_json, or response_format as on chat), a regex, or a Lark grammar (llguidance's dialect).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
 
 # -- responses ---------------------------------------------------------------------------------------
@@ -252,6 +260,7 @@ class ResponsesRequest(SamplingFields):
     tools: list[ResponsesTool] | None = None
     tool_choice: Literal["auto", "none", "required"] | ResponsesNamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    max_reasoning_tokens: int | None = Field(default=None, ge=0)  # gptoss, as on chat completions
     previous_response_id: str | None = None
     store: bool | None = None
     stream: bool | None = None

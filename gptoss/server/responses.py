@@ -19,12 +19,13 @@ from starlette.concurrency import run_in_threadpool
 
 from gptoss.generation import Result
 from gptoss.server.async_engine import EngineFailed, RequestStream
-from gptoss.server.chat_completions import add_instructions, message_text, render
+from gptoss.server.chat_completions import message_text, render
 from gptoss.server.errors import APIError, bad_request, parse_body
 from gptoss.server.outputs import ChoiceOutput, Segment, chat_logprobs, random_id, tool_choice_for_render
 from gptoss.server.protocol import (FunctionCallItem, FunctionCallOutputItem, InputMessage, ReasoningItem,
                                     ResponsesRequest)
-from gptoss.server.state import ServerState, json_instructions, sampling_params, validate_json_schema
+from gptoss.server.state import ServerState, sampling_params, validate_json_schema
+from gptoss.structured import StructuredOutputError, add_instructions, json_instructions
 from gptoss.server.streaming import Generation, sse
 
 router = APIRouter()
@@ -382,8 +383,20 @@ async def create_response(request: Request):
     effort = (req.reasoning.effort if req.reasoning else None) or req.reasoning_effort or "medium"
     prompt = await run_in_threadpool(lambda: render(state, messages, tools=tools, effort=effort,
                                                     tool_choice=tool_choice_value(req), param="input"))
+    fmt = req.text.format.model_dump(exclude_none=True, by_alias=True) if req.text and req.text.format else None
+
+    def grammar_and_matcher():
+        try:
+            grammar = state.structurer.chat_request_grammar(tools=tools, tool_choice=tool_choice_value(req),
+                                                            response_format=fmt, param="text.format",
+                                                            max_reasoning_tokens=req.max_reasoning_tokens)
+        except StructuredOutputError as exc:
+            raise bad_request(str(exc), exc.param) from None
+        return state.structurer.matcher(grammar)
+
+    constraint = await run_in_threadpool(grammar_and_matcher)
     response_id = random_id("resp_")
-    (stream,) = await state.submit([(prompt, params, response_id)], arrival, param="input")
+    (stream,) = await state.submit([(prompt, params, response_id, constraint)], arrival, param="input")
     choice = ChoiceOutput(state.encoding, params, chat=True, prompt_tokens=len(prompt), token_bytes=state.token_bytes)
     run = ResponseRun(state, req, stream, ResponseBuilder(state, req, response_id, choice), conversation)
     if req.background:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import OrderedDict
@@ -52,6 +53,16 @@ class ServerState:
     def metrics(self):
         return self.engine.metrics
 
+    @functools.cached_property
+    def structurer(self):
+        from gptoss.structured import Structurer
+
+        return Structurer(self.text_encoding, self.text_encoding.n_vocab)
+
+    def constraints(self, grammar: str | None, count: int) -> list:
+        """One TokenMatcher per choice (each keeps its own place in the grammar), or Nones."""
+        return [self.structurer.matcher(grammar) for _ in range(count)]
+
     def token_bytes(self, token_id: int) -> bytes:
         return self.text_encoding.decode_single_token_bytes(token_id)
 
@@ -59,7 +70,7 @@ class ServerState:
         if name != self.model_name:
             raise model_not_found(name)
 
-    async def submit(self, requests: list[tuple[list[int], SamplingParams, str]], arrival: float,
+    async def submit(self, requests: list[tuple], arrival: float,
                      param: str = "messages") -> list[RequestStream]:
         """Submit every choice's request; engine refusals become API errors."""
         if len(requests) > self.engine.limit:
@@ -107,20 +118,6 @@ def sampling_params(fields: dict[str, Any], *, n: int = 1, names: dict[str, str]
 def reject_logit_bias(logit_bias: dict | None) -> None:
     if logit_bias:
         raise bad_request("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
-
-
-def json_instructions(kind: str, name: str | None, description: str | None, schema: dict | None) -> str:
-    """The gpt-oss way to ask for structured output: a "# Response Formats" section in the
-    developer instructions. It steers the model; decoding is not constrained."""
-    if kind == "json_object":
-        return "# Response Formats\n\nAnswer with a single valid JSON object and nothing else."
-    import json
-
-    lines = ["# Response Formats", "", f"## {name or 'response'}", ""]
-    if description:
-        lines.append(f"// {description}")
-    lines.append(json.dumps(schema or {}, separators=(",", ":")))
-    return "\n".join(lines)
 
 
 def validate_json_schema(schema: dict | None, param: str) -> None:
