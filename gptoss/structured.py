@@ -128,8 +128,9 @@ def harmony_grammar(*, answer_schema: dict | None = None, answer_json: bool = Fa
         lines += ["final: <|channel|> \"final\" <|message|> answer <|return|>", f"answer: {answer}"]
         choices.append("final")
     for i, function in enumerate(functions):
-        to = _lark_string(f" to=functions.{function.name}")
-        both_orders = f"({to} <|channel|> \"commentary\" | <|channel|> {_lark_string('commentary' + to[1:-1])})"
+        to = f" to=functions.{function.name}"
+        both_orders = (f"({_lark_string(to)} <|channel|> \"commentary\" | <|channel|> "
+                       f"{_lark_string('commentary' + to)})")
         lines += [f"call_{i}: {both_orders} (\" \" <|constrain|> \"json\")? <|message|> args_{i} <|call|>",
                   f"args_{i}: {_json_rule(function.parameters)}"]
         choices.append(f"call_{i}")
@@ -158,10 +159,6 @@ class TokenMatcher:
     def advance(self, token_id: int) -> None:
         if not self._matcher.is_stopped():
             self._matcher.consume_token(token_id)
-
-    @property
-    def done(self) -> bool:
-        return self._matcher.is_stopped() or self._matcher.is_accepting()
 
 
 _BIT_VALUES = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
