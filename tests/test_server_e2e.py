@@ -541,6 +541,8 @@ def test_completions_guided_json_extension(client):
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "intger"}}}}}},
      "response_format.json_schema.schema.properties.a.type"),
     ("/v1/completions", {"prompt": "x", "guided_regex": "(unclosed"}, "guided_regex"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {
+        "type": 5}}}}, "text.format.schema.type"),
     ("/v1/chat/completions", {"messages": USER, "max_reasoning_tokens": -1}, "max_reasoning_tokens"),
 ])
 def test_bad_constraints_are_400_naming_the_part(http, path, body, param):

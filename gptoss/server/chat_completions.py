@@ -21,7 +21,7 @@ from gptoss.server.errors import bad_request, from_value_error, parse_body
 from gptoss.server.outputs import ChoiceOutput, Piece, chat_logprobs, random_id, tool_choice_for_render, usage_dict
 from gptoss.server.protocol import ChatCompletionRequest, ChatMessage
 from gptoss.server.state import (ServerState, reject_logit_bias, sampling_params,
-                                 validate_json_schema)
+                                 require_json_schema)
 from gptoss.server.streaming import Generation, merged, sse
 from gptoss.structured import StructuredOutputError, add_instructions, json_instructions
 
@@ -71,7 +71,7 @@ def response_format_instructions(req: ChatCompletionRequest) -> str | None:
             raise bad_request("response_format of type 'json_schema' needs a 'json_schema' object.",
                               "response_format.json_schema", "missing_required_parameter")
         spec = fmt.json_schema
-        validate_json_schema(spec.schema_, "response_format.json_schema.schema")
+        require_json_schema(spec.schema_, "response_format.json_schema.schema")
         return json_instructions("json_schema", spec.name, spec.description, spec.schema_)
     return json_instructions("json_object", None, None, None)
 

@@ -24,7 +24,7 @@ from gptoss.server.errors import APIError, bad_request, parse_body
 from gptoss.server.outputs import ChoiceOutput, Segment, chat_logprobs, random_id, tool_choice_for_render
 from gptoss.server.protocol import (FunctionCallItem, FunctionCallOutputItem, InputMessage, ReasoningItem,
                                     ResponsesRequest)
-from gptoss.server.state import ServerState, sampling_params, validate_json_schema
+from gptoss.server.state import ServerState, sampling_params, require_json_schema
 from gptoss.structured import StructuredOutputError, add_instructions, json_instructions
 from gptoss.server.streaming import Generation, sse
 
@@ -78,7 +78,7 @@ def format_instructions(req: ResponsesRequest) -> str | None:
         if not fmt.name:
             raise bad_request("text.format of type 'json_schema' needs a 'name'.", "text.format.name",
                               "missing_required_parameter")
-        validate_json_schema(fmt.schema_, "text.format.schema")
+        require_json_schema(fmt.schema_, "text.format.schema")
         return json_instructions("json_schema", fmt.name, fmt.description, fmt.schema_)
     return json_instructions("json_object", None, None, None)
 

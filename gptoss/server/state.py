@@ -120,9 +120,8 @@ def reject_logit_bias(logit_bias: dict | None) -> None:
         raise bad_request("logit_bias is not supported by this server.", "logit_bias", "unsupported_parameter")
 
 
-def validate_json_schema(schema: dict | None, param: str) -> None:
+def require_json_schema(schema: dict | None, param: str) -> None:
+    """Only presence is checked here: whether it is a valid schema, `gptoss.structured` checks
+    when it compiles the grammar (naming the part at fault)."""
     if schema is None:
         raise bad_request("a json_schema response format needs a 'schema' object.", param, "missing_required_parameter")
-    kind = schema.get("type")
-    if kind is not None and not isinstance(kind, (str, list)):
-        raise bad_request("the schema's 'type' must be a string or a list of strings.", param)
