@@ -27,7 +27,9 @@ from dataclasses import dataclass
 import torch
 
 RETURN, CALL = 200002, 200012  # <|return|>, <|call|>
-JSON_OPTIONS = {"whitespace_flexible": False}  # compact JSON: one spelling, no runaway whitespace
+# At most one space where JSON allows whitespace: both the compact spelling gpt-oss writes and
+# json.dumps' ", " / ": " (the demo model's) fit, and no output can run on in whitespace.
+JSON_OPTIONS = {"whitespace_pattern": " ?"}
 
 
 class StructuredOutputError(ValueError):

@@ -181,3 +181,44 @@ def test_chat_command_with_no_model_answers_with_reasoning():
     assert done.returncode == 0, done.stderr
     assert "873" in done.stdout
     assert "4 8 2" in done.stdout  # the reasoning is shown (the operand spelled digit by digit)
+
+
+# -- structured outputs on a trained model (gptoss.structured) ------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city",
+    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
+ANSWER = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+          "additionalProperties": False}
+
+
+def test_response_format_constrains_the_final_message_and_leaves_reasoning_free(demo_llm):
+    import jsonschema
+
+    result = demo_llm.chat([{"role": "user", "content": "What is 482 + 391?"}], temperature=0, max_tokens=300,
+                           response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}})
+    jsonschema.validate(json.loads(result.text), ANSWER)
+    assert "4 8 2" in result.reasoning  # the model's own worked steps, unconstrained
+    assert result.finish_reason == "stop"
+
+
+def test_forced_and_forbidden_tool_calls_on_the_demo_model(demo_llm):
+    weather = [{"role": "user", "content": "What's the weather in Lisbon?"}]
+    # the model would call on its own; "required" keeps that call, with the arguments it chose
+    required = demo_llm.chat(weather, tools=[WEATHER], tool_choice="required", temperature=0)
+    assert required.finish_reason == "tool_calls"
+    assert required.tool_calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(required.tool_calls[0]["function"]["arguments"]) == {"location": "Lisbon"}
+    # a question it would answer itself, with a named function forced: a well-formed call anyway
+    forced = demo_llm.chat([{"role": "user", "content": "What is 12 + 30?"}], tools=[WEATHER], temperature=0,
+                           tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                           max_reasoning_tokens=60)
+    assert forced.finish_reason == "tool_calls" and forced.tool_calls[0]["function"]["name"] == "get_weather"
+    import jsonschema
+
+    jsonschema.validate(json.loads(forced.tool_calls[0]["function"]["arguments"]),
+                        WEATHER["function"]["parameters"])
+    # "none": the weather question gets no call, however much the model wants one
+    none = demo_llm.chat(weather, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=200,
+                         max_reasoning_tokens=60)
+    assert not none.tool_calls and none.finish_reason in ("stop", "length")
