@@ -70,8 +70,6 @@ def json_instructions(kind: str, name: str | None, description: str | None, sche
     developer instructions. It steers the model; decoding is not constrained."""
     if kind == "json_object":
         return "# Response Formats\n\nAnswer with a single valid JSON object and nothing else."
-    import json
-
     lines = ["# Response Formats", "", f"## {name or 'response'}", ""]
     if description:
         lines.append(f"// {description}")

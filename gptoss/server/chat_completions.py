@@ -23,7 +23,8 @@ from gptoss.server.protocol import ChatCompletionRequest, ChatMessage
 from gptoss.server.state import (ServerState, reject_logit_bias, sampling_params,
                                  require_json_schema)
 from gptoss.server.streaming import Generation, merged, sse
-from gptoss.structured import StructuredOutputError, add_instructions, json_instructions
+from gptoss import structured
+from gptoss.structured import StructuredOutputError, add_instructions
 
 router = APIRouter()
 
@@ -70,10 +71,8 @@ def response_format_instructions(req: ChatCompletionRequest) -> str | None:
         if fmt.json_schema is None:
             raise bad_request("response_format of type 'json_schema' needs a 'json_schema' object.",
                               "response_format.json_schema", "missing_required_parameter")
-        spec = fmt.json_schema
-        require_json_schema(spec.schema_, "response_format.json_schema.schema")
-        return json_instructions("json_schema", spec.name, spec.description, spec.schema_)
-    return json_instructions("json_object", None, None, None)
+        require_json_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
+    return structured.response_format_instructions(fmt.model_dump(by_alias=True, exclude_none=True))
 
 
 def tool_choice_value(req: ChatCompletionRequest):

@@ -25,7 +25,7 @@ from gptoss.server.outputs import ChoiceOutput, Segment, chat_logprobs, random_i
 from gptoss.server.protocol import (FunctionCallItem, FunctionCallOutputItem, InputMessage, ReasoningItem,
                                     ResponsesRequest)
 from gptoss.server.state import ServerState, sampling_params, require_json_schema
-from gptoss.structured import StructuredOutputError, add_instructions, json_instructions
+from gptoss.structured import StructuredOutputError, add_instructions, response_format_instructions
 from gptoss.server.streaming import Generation, sse
 
 router = APIRouter()
@@ -79,8 +79,7 @@ def format_instructions(req: ResponsesRequest) -> str | None:
             raise bad_request("text.format of type 'json_schema' needs a 'name'.", "text.format.name",
                               "missing_required_parameter")
         require_json_schema(fmt.schema_, "text.format.schema")
-        return json_instructions("json_schema", fmt.name, fmt.description, fmt.schema_)
-    return json_instructions("json_object", None, None, None)
+    return response_format_instructions(fmt.model_dump(by_alias=True, exclude_none=True))
 
 
 def tool_choice_value(req: ResponsesRequest):
