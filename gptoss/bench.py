@@ -17,6 +17,7 @@ import torch
 
 from gptoss.engine.engine import LLMEngine
 from gptoss.footprint import footprint
+from gptoss.engine.distributed import load_model
 from gptoss.model import Model
 from gptoss.sampling import SamplingParams
 
@@ -71,13 +72,15 @@ def bytes_per_token(path: str, model: Model) -> int:
 
 
 def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads: int | None = None,
-              progress: bool = True, dense_int8: bool = False) -> BenchResult:
+              progress: bool = True, dense_int8: bool = False, tensor_parallel_size: int = 1,
+              expert_parallel: bool = False) -> BenchResult:
     from gptoss import ops
 
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = Model.from_pretrained(path, dtype=torch.bfloat16, progress=progress, dense_int8=dense_int8)
+    model = load_model(path, dtype=torch.bfloat16, progress=progress, dense_int8=dense_int8,
+                       tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
     load_s = time.perf_counter() - start
     per_token = bytes_per_token(path, model)
     gen = torch.Generator().manual_seed(0)
@@ -109,6 +112,8 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
     # The first decode steps warm caches and thread pools; report the steady state.
     steady = decode_times[len(decode_times) // 8:] or decode_times
     decode_tps = len(steady) / sum(steady)
+    if getattr(model, "ranks", None):
+        model.ranks.close()
     bandwidth = measure_read_bandwidth()
     decode_gbs = decode_tps * per_token / 1e9
     return BenchResult(

@@ -68,6 +68,10 @@ class ChatSession:
                            f"finish: {result.finish_reason})[/dim]")
 
 
+def parallel_options(args) -> dict:
+    return {"tensor_parallel_size": args.tensor_parallel_size, "expert_parallel": args.expert_parallel}
+
+
 def run_chat(args) -> int:
     from gptoss.llm import LLM
 
@@ -75,7 +79,7 @@ def run_chat(args) -> int:
     err = Console(stderr=True)
     interactive = sys.stdin.isatty()
     sampling = {"temperature": args.temperature, "max_tokens": args.max_tokens}
-    llm = LLM(args.path, progress=True, dense_int8=args.dense_int8)
+    llm = LLM(args.path, progress=True, dense_int8=args.dense_int8, **parallel_options(args))
     session = ChatSession(llm, console, system=args.system, effort=args.reasoning_effort,
                           hide_reasoning=args.hide_reasoning, sampling=sampling)
     if interactive:
@@ -99,13 +103,14 @@ def run_chat(args) -> int:
             session.answer(line)
         except (ChatFormatError, ValueError) as exc:
             err.print(f"[red]error:[/red] {exc} [dim](the message was not added to the conversation)[/dim]")
+    llm.close()
     return 0
 
 
 def run_generate(args) -> int:
     from gptoss.llm import LLM
 
-    llm = LLM(args.path, progress=sys.stderr.isatty(), dense_int8=args.dense_int8)
+    llm = LLM(args.path, progress=sys.stderr.isatty(), dense_int8=args.dense_int8, **parallel_options(args))
     stream = llm.generate_stream(args.prompt, temperature=args.temperature, max_tokens=args.max_tokens,
                                  seed=args.seed)
     try:
@@ -115,4 +120,5 @@ def run_generate(args) -> int:
     except KeyboardInterrupt:
         stream.close()
     sys.stdout.write("\n")
+    llm.close()
     return 0

@@ -133,8 +133,10 @@ def cmd_bench(args) -> None:
     if args.prompt_tokens + args.gen_tokens > context:
         raise UsageError(f"--prompt-tokens {args.prompt_tokens} + --gen-tokens {args.gen_tokens} is more than the "
                          f"model's context of {context} tokens")
+    check_parallel(args)
     result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json,
-                       dense_int8=args.dense_int8)
+                       dense_int8=args.dense_int8, tensor_parallel_size=args.tensor_parallel_size,
+                       expert_parallel=args.expert_parallel)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
 
 
@@ -152,6 +154,7 @@ def cmd_chat(args) -> int:
     from gptoss.chat_cli import run_chat
 
     _check_sampling(args)
+    check_parallel(args)
     return run_chat(args)
 
 
@@ -162,10 +165,18 @@ def cmd_generate(args) -> int:
     _check_sampling(args)
     if not args.prompt:
         raise UsageError("--prompt is empty; give the text to continue")
+    check_parallel(args)
     try:
         return run_generate(args)
     except RequestError as exc:  # e.g. a prompt longer than the context
         raise UsageError(str(exc)) from None
+
+
+def check_parallel(args) -> None:
+    if args.tensor_parallel_size < 1:
+        raise UsageError(f"--tensor-parallel-size {args.tensor_parallel_size}: give at least 1 (the number of ranks)")
+    if args.expert_parallel and args.tensor_parallel_size == 1:
+        raise UsageError("--expert-parallel splits the experts over ranks: give --tensor-parallel-size 2 or more")
 
 
 def check_device(name: str) -> None:
@@ -194,6 +205,7 @@ def cmd_serve(args) -> None:
     if args.port > 65535:
         raise UsageError(f"--port {args.port}: a TCP port is 1 to 65535")
     check_device(args.device)
+    check_parallel(args)
     if args.max_queue < 0:
         raise UsageError("--max-queue must be at least 0")
     if not args.shutdown_timeout >= 0:
@@ -207,10 +219,18 @@ def cmd_serve(args) -> None:
                             api_key=args.api_key,
                             kv_cache_size=args.kv_cache_size, max_num_seqs=args.max_num_seqs,
                             max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8,
-                            strict_params=args.strict_params, ui=not args.no_ui)
+                            strict_params=args.strict_params, ui=not args.no_ui,
+                            tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
     except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
         raise UsageError(str(exc)) from None
     run(state, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes (torch.distributed; default 1)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="with -tp N, give each rank whole experts instead of a slice of every expert")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -260,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the model's reasoning")
     p.add_argument("--dense-int8", action="store_true",
                    help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
+    add_parallel_arguments(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one raw completion of a text prompt")
@@ -270,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dense-int8", action="store_true",
                    help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
+    add_parallel_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed at batch 1")
@@ -280,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--dense-int8", action="store_true",
                    help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
+    add_parallel_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
@@ -301,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse unknown request fields with 400 (default: ignore them with a logged warning)")
     p.add_argument("--dense-int8", action="store_true",
                    help="quantize the attention projections and lm_head to int8 at load (CPU, AVX-512 VNNI)")
+    add_parallel_arguments(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -23,9 +23,9 @@ from typing import Iterator, Sequence
 import torch
 
 from gptoss import chat as harmony_chat
+from gptoss.engine.distributed import load_model
 from gptoss.engine.engine import LLMEngine
 from gptoss.generation import Delta, RequestOutput, Result
-from gptoss.model import Model
 from gptoss.sampling import SamplingParams
 from gptoss.structured import Structurer, add_instructions, response_format_instructions
 from gptoss.tokenizer import harmony_encoding, tiktoken_encoding
@@ -73,9 +73,11 @@ class GenerationStream:
 class LLM:
     def __init__(self, path: str | Path | None = None, *, revision: str | None = None, device: str = "cpu",
                  dtype: torch.dtype = torch.bfloat16, progress: bool = False, dense_int8: bool = False,
-                 **engine_options):
+                 tensor_parallel_size: int = 1, expert_parallel: bool = False, **engine_options):
         """`path`: a model folder, a Hugging Face Hub id (`openai/gpt-oss-20b`, at `revision`), or
-        None for the demo model that ships with gptoss."""
+        None for the demo model that ships with gptoss. `tensor_parallel_size` N > 1 splits the
+        model over N processes (gptoss.parallel; `expert_parallel` puts whole experts on each);
+        `close()` stops them."""
         if path is None:
             from gptoss.demo import demo_model_path
             path = demo_model_path()
@@ -83,12 +85,24 @@ class LLM:
             from gptoss.hub import resolve
             path = resolve(path, revision)
         self.path = Path(path)
-        self.model = Model.from_pretrained(path, device=device, dtype=dtype, progress=progress,
-                                           dense_int8=dense_int8)
+        self.model = load_model(path, device=device, dtype=dtype, progress=progress, dense_int8=dense_int8,
+                                tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
         self.engine = LLMEngine(self.model, **engine_options)
         self.encoding = harmony_encoding(path)
         self._text_encoding = tiktoken_encoding(path)
         self._streams: dict[str, GenerationStream] = {}
+
+    def close(self) -> None:
+        """Stop the other ranks (tensor parallelism); the model cannot run after this."""
+        ranks = getattr(self.model, "ranks", None)
+        if ranks is not None:
+            ranks.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- chat --------------------------------------------------------------------------------
     def chat_stream(self, messages: list[dict], *, tools: list[dict] | None = None,

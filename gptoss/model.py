@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gptoss import ops
+from gptoss import ops, parallel
 from gptoss.checkpoint import (CheckpointError, CheckpointReader, checkpoint_key, detect_layout,
                                with_stored_expert_format)
 from gptoss.config import ConfigError, ModelConfig
+from gptoss.parallel import Shard
 
 
 class Linear(nn.Linear):
@@ -98,18 +99,26 @@ def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) ->
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    """With several ranks, this rank's heads (parallel.Shard): q/k/v column-parallel, o row-parallel."""
+
+    def __init__(self, config: ModelConfig, layer: int, shard: Shard = Shard()):
         super().__init__()
-        self.n_q, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_q, self.n_kv = len(shard.q_heads(config)), len(shard.kv_heads(config))
+        self.head_dim = d = config.head_dim
         self.window = config.window_of(layer)
-        self.q_proj = Linear(config.hidden_size, config.q_dim)
-        self.k_proj = Linear(config.hidden_size, config.kv_dim)
-        self.v_proj = Linear(config.hidden_size, config.kv_dim)
-        self.o_proj = Linear(config.q_dim, config.hidden_size)
-        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))
+        self.q_proj = Linear(config.hidden_size, self.n_q * d)
+        self.k_proj = Linear(config.hidden_size, self.n_kv * d)
+        self.v_proj = Linear(config.hidden_size, self.n_kv * d)
+        self.o_proj = Linear(self.n_q * d, config.hidden_size)
+        self.sinks = nn.Parameter(torch.zeros(self.n_q))
 
     def forward(self, x, positions, rope, cache: "LayerCache | None"):
+        return parallel.all_reduce(self.local_forward(x, positions, rope, cache))
+
+    def local_forward(self, x, positions, rope, cache):
         b, t, _ = x.shape
+        if self.n_q == 0:  # more ranks than heads: this one adds only its share of the bias (zero)
+            return self.o_proj.bias.to(x.dtype).expand(b, t, -1).clone()
         q = apply_rotary(self.q_proj(x).view(b, t, self.n_q, self.head_dim), rope)
         k = apply_rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), rope)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
@@ -126,9 +135,12 @@ class Experts(nn.Module):
     fine-tunes and training, `expert_format="float"`) float matrices in the Hugging Face layout,
     which are parameters that autograd trains through the reference ops."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
-        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        e0, e1 = shard.experts(config)
+        i0, i1 = shard.intermediate(config)
+        e, h, i = e1 - e0, config.hidden_size, i1 - i0
+        self.first_expert, self.num_local_experts, self.local_intermediate = e0, e, i
         self.swiglu_limit = config.swiglu_limit
         self.is_mxfp4 = config.expert_format == "mxfp4"
         if self.is_mxfp4:
@@ -153,25 +165,66 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """The router is whole on every rank; the experts are this rank's (parallel.Shard): a slice of
+    each expert's intermediate dimension, or with expert parallelism whole experts."""
+
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
         self.experts_per_token = config.experts_per_token
+        self.expert_parallel = shard.expert_parallel and not shard.is_whole
         self.router = Linear(config.hidden_size, config.num_experts)
-        self.experts = Experts(config)
+        self.experts = Experts(config, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         indices, weights = ops.route(self.router(flat), self.experts_per_token)
-        return ops.moe_experts(flat, indices, weights, self.experts.weights()).view_as(x)
+        if self.expert_parallel:
+            out = self._local_experts(flat, indices, weights)
+        elif self.experts.local_intermediate == 0:  # more ranks than blocks: only the bias share
+            bias = self.experts.down_bias.to(flat.dtype)[indices]  # [N, k, H], zero off rank 0
+            out = (bias * weights[..., None].to(flat.dtype)).sum(1)
+        else:
+            out = ops.moe_experts(flat, indices, weights, self.experts.weights())
+        return parallel.all_reduce(out).view_as(x)
+
+    def _local_experts(self, flat, indices, weights) -> torch.Tensor:
+        """The (token, slot) pairs routed to this rank's experts, one row each, summed per token."""
+        local = indices - self.experts.first_expert
+        mine = (local >= 0) & (local < self.experts.num_local_experts)
+        out = torch.zeros_like(flat)
+        if mine.any():
+            token, slot = torch.nonzero(mine, as_tuple=True)
+            rows = ops.moe_experts(flat[token], local[token, slot][:, None], weights[token, slot][:, None],
+                                   self.experts.weights())
+            out.index_add_(0, token, rows)
+        return out
+
+
+class VocabEmbedding(nn.Embedding):
+    """The embedding rows of this rank's vocabulary slice; other ids give zero (summed over ranks)."""
+
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
+        self.first, last = shard.vocab(config)
+        self.whole = shard.is_whole
+        super().__init__(last - self.first, config.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.whole:
+            return super().forward(ids)
+        local = ids - self.first
+        mine = (local >= 0) & (local < self.num_embeddings)
+        x = super().forward(local.clamp(0, max(self.num_embeddings - 1, 0))) if self.num_embeddings else \
+            self.weight.new_zeros(*ids.shape, self.embedding_dim)
+        return parallel.all_reduce(x * mine[..., None].to(x.dtype))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, shard: Shard = Shard()):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, layer)
+        self.attn = Attention(config, layer, shard)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config)
+        self.mlp = MoE(config, shard)
 
     def forward(self, x, positions, rope, cache=None):
         x = x + self.attn(self.attn_norm(x), positions, rope, cache)
@@ -179,14 +232,17 @@ class TransformerBlock(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """The whole model, or with `shard` one rank's part of it (gptoss.parallel): then every rank
+    runs the same forward, and the logits come back on rank 0 (None on the others)."""
+
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
-        self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.config, self.shard = config, shard
+        self.embedding = VocabEmbedding(config, shard)
         self.rotary = Rotary(config)
-        self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
+        self.blocks = nn.ModuleList(TransformerBlock(config, i, shard) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, self.embedding.num_embeddings, bias=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -205,14 +261,22 @@ class Model(nn.Module):
         of each row: logits [B, 1, V]. (The engine's flat steps use `forward_batch`.)
         """
         x = self.hidden_states(input_ids, cache, positions)
-        return self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        return self.logits(self.norm(x[:, -1:] if last_only else x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """lm_head over the last dimension; with several ranks each computes its vocabulary slice
+        and rank 0 gets them all."""
+        if self.shard.is_whole:
+            return self.lm_head(x)
+        full = parallel.gather_rows(self.lm_head(x.reshape(-1, x.shape[-1])), self.config.vocab_size)
+        return None if full is None else full.view(*x.shape[:-1], -1)
 
     def forward_batch(self, batch, cache) -> torch.Tensor:
         """One engine step (`gptoss.engine.batch.ForwardBatch`): the N tokens run as N rows of one
         token each, attention reading each row's own keys through `cache`. Returns the logits of
         `batch.logit_rows` [R, V]."""
         x = self.hidden_states(batch.token_ids[:, None], cache, batch.positions[:, None])
-        return self.lm_head(self.norm(x[batch.logit_rows, 0]))
+        return self.logits(self.norm(x[batch.logit_rows, 0]))
 
     def hidden_states(self, input_ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after the last block [B, T, H] (before the final norm and lm_head)."""
@@ -242,14 +306,15 @@ class Model(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.bfloat16, progress: bool = False,
-                        dense_int8: bool = False, revision: str | None = None) -> "Model":
+                        dense_int8: bool = False, revision: str | None = None, shard: Shard = Shard()) -> "Model":
         """Load a Hugging Face or `original/` checkpoint folder, or a Hub id (`openai/gpt-oss-20b`,
         downloaded into the Hugging Face cache, see gptoss.hub).
 
         Tensors are memory-mapped; those already in the wanted dtype on the CPU are used in place.
         Experts stay MXFP4. Any missing, unexpected or misshaped tensor raises CheckpointError
         before a model is returned. `dense_int8` quantizes the attention projections and lm_head
-        (see Int8Linear); the CPU int8 kernels need AVX-512 VNNI, elsewhere it is refused.
+        (see Int8Linear); the CPU int8 kernels need AVX-512 VNNI, elsewhere it is refused. With
+        `shard`, only this rank's slice of each tensor is read (gptoss.parallel).
         """
         from gptoss.hub import resolve
 
@@ -259,8 +324,8 @@ class Model(nn.Module):
         config = with_stored_expert_format(reader, layout, config)
         ops.select(device)  # decide the kernels (and build or report them) now, not mid-forward
         with torch.device("meta"):
-            model = cls(config)
-        expected = model.state_dict()
+            model = cls(config, shard)
+            expected = cls(config).state_dict() if not shard.is_whole else model.state_dict()
         plan = {name: checkpoint_key(name, layout, config) for name in expected}
         _check_plan(reader, plan, expected, config)
 
@@ -274,6 +339,7 @@ class Model(nn.Module):
             tensor = reader.get(ref.key)
             if ref.rows is not None:
                 tensor = tensor[ref.rows[0]:ref.rows[1]]
+            tensor = shard.slice(name, tensor, config)
             want = tensor.dtype if tensor.dtype == torch.uint8 else dtype
             state[name] = tensor.to(device=device, dtype=want)
         model.load_state_dict(state, strict=True, assign=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gptoss import parallel
 from gptoss.engine.batch import ForwardBatch
 from gptoss.engine.kv_cache import KVCacheManager
 from gptoss.engine.scheduler import ScheduledSeq
@@ -50,6 +51,21 @@ class PagedCache:
         pass
 
 
+def sliding_layers(model: Model) -> list[bool]:
+    return [model.config.window_of(i) > 0 for i in range(model.config.num_hidden_layers)]
+
+
+def allocate_pools(model: Model, num_full: int, num_sliding: int, block_size: int) -> list[tuple]:
+    """(K, V) pools [blocks, block_size, kv heads, head_dim] per layer, of this rank's kv heads."""
+    pools = []
+    for block, sliding in zip(model.blocks, sliding_layers(model)):
+        blocks = num_sliding if sliding else num_full
+        k = torch.zeros(blocks, block_size, block.attn.n_kv, block.attn.head_dim, dtype=model.dtype,
+                        device=model.device)
+        pools.append((k, torch.zeros_like(k)))
+    return pools
+
+
 def _padded(rows: list[list[int]], fill: int = -1) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
@@ -59,15 +75,13 @@ class ModelRunner:
     def __init__(self, model: Model, kv: KVCacheManager, seed: int | None = None):
         self.model = model
         self.kv = kv
-        config = model.config
-        self.sliding_layer = [config.window_of(i) > 0 for i in range(config.num_hidden_layers)]
-        shape = (config.num_key_value_heads, config.head_dim)
-        bs = kv.block_size
-        self.pools = []
-        for sliding in self.sliding_layer:
-            blocks = kv.sliding.num_blocks if sliding else kv.full.num_blocks
-            k = torch.zeros(blocks, bs, *shape, dtype=model.dtype, device=model.device)
-            self.pools.append((k, torch.zeros_like(k)))
+        self.sliding_layer = sliding_layers(model)
+        sizes = (kv.full.num_blocks, kv.sliding.num_blocks, kv.block_size)
+        self.pools = allocate_pools(model, *sizes)
+        self.ranks = getattr(model, "ranks", None)  # the other ranks, with tensor parallelism
+        if self.ranks is not None:
+            with parallel.lock():
+                self.ranks.send(("pools", *sizes))
         self.sampler = Sampler(seed)
         self.expert_rows = 0  # token rows the model computed (each goes through every layer's experts)
 
@@ -106,8 +120,13 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [R, V] of the batch's logit rows; stores the new keys/values."""
-        batch = batch.to(self.model.device)
-        return self.model.forward_batch(batch, PagedCache(batch, self.pools, self.sliding_layer))
+        if self.ranks is None:
+            batch = batch.to(self.model.device)
+            return self.model.forward_batch(batch, PagedCache(batch, self.pools, self.sliding_layer))
+        with parallel.lock():  # the heartbeat waits: the ranks see the batch, then its collectives
+            self.ranks.send(batch)
+            batch = batch.to(self.model.device)
+            return self.ranks.run(self.model.forward_batch, batch, PagedCache(batch, self.pools, self.sliding_layer))
 
     @staticmethod
     def prompt_logprob_rows(batch: list[ScheduledSeq]) -> list[tuple]:

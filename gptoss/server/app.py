@@ -170,10 +170,10 @@ MIN_KV_CACHE_TOKENS = 1024  # less, and every chat request would be refused for 
 def build_state(path: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
                 kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
                 progress: bool = True, dense_int8: bool = False, strict_params: bool = False,
-                ui: bool = True) -> ServerState:
+                ui: bool = True, tensor_parallel_size: int = 1, expert_parallel: bool = False) -> ServerState:
     """Load the model and wrap it for serving."""
     from gptoss.engine.engine import LLMEngine
-    from gptoss.model import Model
+    from gptoss.engine.distributed import load_model
     from gptoss.server.async_engine import AsyncEngine
     from gptoss.tokenizer import harmony_encoding, tiktoken_encoding
 
@@ -182,7 +182,8 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
     path = Path(path)
     detect_layout(path)  # a folder that is not a model says so first (before the vocabulary is looked for)
     encoding, text_encoding = harmony_encoding(path), tiktoken_encoding(path)  # fail fast on a missing vocab
-    model = Model.from_pretrained(path, device=device, progress=progress, dense_int8=dense_int8)
+    model = load_model(path, device=device, progress=progress, dense_int8=dense_int8,
+                       tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
     engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs)
     smallest = min(MIN_KV_CACHE_TOKENS, model.config.context_length)
     if engine.kv_cache_tokens < smallest:
@@ -205,7 +206,11 @@ def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_le
           f"queue {engine.max_queue}{', API key required' if state.api_key else ''})", flush=True)
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)
-    DrainingServer(config, state.engine, shutdown_timeout).run()
+    server = DrainingServer(config, state.engine, shutdown_timeout)
+    state.engine.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if state.engine.fatal is not None:
+        raise SystemExit(f"gptoss serve: stopped: {state.engine.fatal}")
 
 
 class DrainingServer(uvicorn.Server):

@@ -25,6 +25,7 @@ import time
 from typing import AsyncIterator, Sequence
 
 from gptoss.engine.engine import StepOutput
+from gptoss.parallel import ParallelError
 from gptoss.sampling import SamplingParams
 from gptoss.server.metrics import ServerMetrics
 
@@ -92,6 +93,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.draining = False  # shutting down: new requests get EngineDraining
+        self.fatal: BaseException | None = None  # a failure the engine cannot serve after (a lost rank)
+        self.on_fatal = None  # called on the event loop after `fatal` is set (the server exits)
+        # With tensor parallelism, the other ranks (gptoss.engine.distributed.Ranks).
+        self._ranks = getattr(getattr(engine, "model", None), "ranks", None)
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -133,6 +138,8 @@ class AsyncEngine:
         self._thread = None
         for stream in list(self._streams.values()):
             self._end(stream, "abort", EngineFailed("the server is shutting down"))
+        if self._ranks is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._ranks.close)
 
     @property
     def alive(self) -> bool:
@@ -242,10 +249,14 @@ class AsyncEngine:
         engine = self.engine
         while not self._stopping:
             self._drain(block=not engine.has_unfinished())
+            if self._ranks is not None and self._ranks.failure is not None:  # found by the heartbeat
+                return self._give_up(self._ranks.failure)
             if self._stopping or not engine.has_unfinished():
                 continue
             try:
                 outputs = engine.step()
+            except ParallelError as exc:  # a rank died or hung: nothing can run any more
+                return self._give_up(exc)
             except Exception as exc:  # a bug or out of memory: fail this batch, keep serving
                 log.exception("engine step failed")
                 self._fail_all(exc)
@@ -256,6 +267,13 @@ class AsyncEngine:
                     self._live.discard(out.request_id)
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _give_up(self, exc: BaseException) -> None:
+        log.error("the engine cannot continue: %s", exc)
+        self.fatal = exc
+        self._fail_all(exc)
+        if self.on_fatal is not None:
+            self._loop.call_soon_threadsafe(self.on_fatal)
 
     def _drain(self, block: bool) -> None:
         try:
