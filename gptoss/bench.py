@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from gptoss import parallel
+from gptoss.engine.distributed import load_model
 from gptoss.engine.engine import LLMEngine
 from gptoss.footprint import footprint
-from gptoss.engine.distributed import load_model
 from gptoss.model import Model
 from gptoss.sampling import SamplingParams
 
@@ -37,9 +38,24 @@ class BenchResult:
     decode_gb_per_s: float
     measured_bandwidth_gb_per_s: float
     bandwidth_fraction: float
+    tensor_parallel_size: int = 1
+    rank_memory: list[dict] | None = None  # per rank: resident GB (anonymous, file-backed) and peak
+    bytes_sent_per_decode_step: int = 0  # by rank 0 into the collectives, with tensor parallelism
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def process_memory(pid: int | str = "self") -> dict:
+    """Resident memory of a process in GB: its own pages (anon), file pages it maps, and the peak."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024 / 1e9
+    return {"anon_gb": fields.get("RssAnon", 0.0), "file_gb": fields.get("RssFile", 0.0),
+            "peak_gb": fields.get("VmHWM", 0.0)}
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -107,13 +123,18 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
             engine.step()
             if step == 0:
                 prefill_s = time.perf_counter() - t0
+                sent = parallel.bytes_sent()
             else:
                 decode_times.append(time.perf_counter() - t0)
+        sent_per_step = (parallel.bytes_sent() - sent) // max(1, gen_tokens)
     # The first decode steps warm caches and thread pools; report the steady state.
     steady = decode_times[len(decode_times) // 8:] or decode_times
     decode_tps = len(steady) / sum(steady)
-    if getattr(model, "ranks", None):
-        model.ranks.close()
+    ranks = getattr(model, "ranks", None)
+    pids = ["self"] + ([p.pid for p in ranks.workers.procs] if ranks is not None and ranks.workers else [])
+    memory = [dict(rank=r, **process_memory(pid)) for r, pid in enumerate(pids)]
+    if ranks is not None:
+        ranks.close()
     bandwidth = measure_read_bandwidth()
     decode_gbs = decode_tps * per_token / 1e9
     return BenchResult(
@@ -122,6 +143,7 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
         prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=decode_tps,
         bytes_per_token=per_token, decode_gb_per_s=decode_gbs,
         measured_bandwidth_gb_per_s=bandwidth, bandwidth_fraction=decode_gbs / bandwidth,
+        tensor_parallel_size=tensor_parallel_size, rank_memory=memory, bytes_sent_per_decode_step=sent_per_step,
     )
 
 
@@ -134,4 +156,8 @@ def format_result(r: BenchResult) -> str:
         f"per token    {r.bytes_per_token / 1e9:8.3f} GB read -> {r.decode_gb_per_s:.1f} GB/s",
         f"bandwidth    {r.measured_bandwidth_gb_per_s:8.1f} GB/s measured here -> decode uses "
         f"{100 * r.bandwidth_fraction:.0f}% of it",
+        *([f"ranks        {r.tensor_parallel_size}: " + ", ".join(
+            f"rank {m['rank']} {m['anon_gb']:.2f} GB own + {m['file_gb']:.2f} GB mapped" for m in r.rank_memory),
+           f"traffic      {r.bytes_sent_per_decode_step / 1e3:8.1f} kB into collectives per decode step (rank 0)"]
+          if r.tensor_parallel_size > 1 else []),
     ])

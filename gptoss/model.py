@@ -339,9 +339,12 @@ class Model(nn.Module):
             tensor = reader.get(ref.key)
             if ref.rows is not None:
                 tensor = tensor[ref.rows[0]:ref.rows[1]]
-            tensor = shard.slice(name, tensor, config)
-            want = tensor.dtype if tensor.dtype == torch.uint8 else dtype
-            state[name] = tensor.to(device=device, dtype=want)
+            part = shard.slice(name, tensor, config)
+            want = part.dtype if part.dtype == torch.uint8 else dtype
+            state[name] = part.to(device=device, dtype=want)
+            if not shard.is_whole and state[name].untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                # A rank keeps its slice, not the file's pages under it (they would stay mapped).
+                state[name] = state[name].clone(memory_format=torch.contiguous_format)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary.inv_freq = yarn_inv_freq(config)[0].to(device)
         model.eval().requires_grad_(False)

@@ -145,6 +145,7 @@ class _Group:
     rank = 0
     world_size = 1
     step_timeout = 15.0
+    bytes_sent = 0  # payload this rank has put into collectives (for benchmarks/parallel.py)
 
 
 def lock() -> threading.Lock:
@@ -154,6 +155,11 @@ def lock() -> threading.Lock:
 
 def step_timeout() -> float:
     return _Group.step_timeout
+
+
+def bytes_sent() -> int:
+    """Tensor payload this rank has put into collectives so far (rank 0 also sends each batch)."""
+    return _Group.bytes_sent
 
 
 def world_size() -> int:
@@ -195,6 +201,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _Group.world_size == 1:
         return x
     wide = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x.contiguous()
+    _Group.bytes_sent += wide.numel() * wide.element_size()
     _collective(dist.all_reduce, wide, group=_Group.group)
     return wide.to(x.dtype) if wide is not x else wide
 
@@ -207,6 +214,7 @@ def gather_rows(x: torch.Tensor, total: int) -> torch.Tensor | None:
     padded = x.new_zeros(x.shape[0], widest)
     padded[:, :x.shape[1]] = x
     parts = [torch.empty_like(padded) for _ in range(_Group.world_size)] if _Group.rank == 0 else None
+    _Group.bytes_sent += padded.numel() * padded.element_size()
     _collective(dist.gather, padded, parts, dst=0, group=_Group.group)
     if _Group.rank != 0:
         return None
@@ -219,6 +227,8 @@ def broadcast(value):
     if _Group.world_size == 1:
         return value
     box = [value]
+    tensors = getattr(value, "__dict__", {}).values()
+    _Group.bytes_sent += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     _collective(dist.broadcast_object_list, box, src=0, group=_Group.group)
     return box[0]
 

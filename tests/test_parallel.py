@@ -250,3 +250,30 @@ def test_serve_two_ranks_answers_the_openai_client_and_fails_cleanly(tiny, tmp_p
         assert time.monotonic() - start < 30
         assert server.proc.returncode != 0
     assert "rank 1 was killed by SIGKILL" in log.read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--prompt", "hi", "-tp", "0"], "--tensor-parallel-size 0: give at least 1"),
+    (["bench", "--expert-parallel"], "--expert-parallel splits the experts over ranks"),
+    (["serve", "--tensor-parallel-size", "-2"], "--tensor-parallel-size -2"),
+])
+def test_bad_parallel_arguments_are_refused(tiny, capsys, argv, message):
+    from gptoss.cli import main
+
+    assert main([argv[0], str(tiny), *argv[1:]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_reports_each_rank(tiny, capsys):
+    import json
+
+    from gptoss.cli import main
+
+    assert main(["bench", str(tiny), "-tp", "2", "--prompt-tokens", "16", "--gen-tokens", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [m["rank"] for m in result["rank_memory"]] == [0, 1]
+    assert all(m["anon_gb"] > 0 for m in result["rank_memory"])
+    # two all-reduces per layer and the embedding's, fp32 [1, hidden], and rank 0's logit slice
+    config = Model.from_pretrained(tiny).config
+    reduces = (2 * config.num_hidden_layers + 1) * config.hidden_size * 4
+    assert result["bytes_sent_per_decode_step"] >= reduces

@@ -65,6 +65,15 @@ def _backend(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
+def _pin(device: str, rank: int, world: int) -> None:
+    """CPU ranks of one machine share its cores (under torchrun: the ranks of this node)."""
+    if device.startswith("cuda"):
+        return
+    if "LOCAL_RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    parallel.pin_threads(rank, world)
+
+
 def _torchrun_rank() -> int | None:
     """This process's rank when a launcher (torchrun) set the environment, else None."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -100,8 +109,7 @@ def load_model(path, *, tensor_parallel_size: int = 1, expert_parallel: bool = F
         workers = _start_local_workers(spec)
         parallel.init(0, tensor_parallel_size, backend=_backend(device),
                       init_method=f"tcp://127.0.0.1:{workers.port}")
-    if not device.startswith("cuda"):
-        parallel.pin_threads(0, tensor_parallel_size)
+    _pin(device, 0, tensor_parallel_size)
     try:
         model = spec.load(0, progress)
         parallel.ready()
@@ -298,8 +306,7 @@ def serve_steps(model) -> None:
 def run_worker(spec: LoadSpec, rank: int) -> int:
     logging.basicConfig(level=logging.INFO, format=f"gptoss rank {rank}: %(message)s")
     parallel.init(rank, spec.world_size, backend=_backend(spec.device))
-    if not spec.device.startswith("cuda"):
-        parallel.pin_threads(rank, spec.world_size)
+    _pin(spec.device, rank, spec.world_size)
     try:
         model = spec.load(rank)
         parallel.ready()
