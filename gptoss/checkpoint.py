@@ -195,6 +195,16 @@ class CheckpointReader:
         flat = torch.frombuffer(self._maps[entry.file], dtype=torch.uint8, count=entry.nbytes, offset=entry.start)
         return flat.view(entry.dtype).reshape(entry.shape)
 
+    def release(self, key: str) -> None:
+        """Drop the file pages under a tensor that has been copied (a rank's slice): they are read
+        again from the file if anything touches them, since nothing ever writes to the map."""
+        entry = self.entries[key]
+        mapped = self._maps.get(entry.file)
+        if mapped is None or entry.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = entry.start - entry.start % mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, start, entry.start + entry.nbytes - start)
+
 
 def detect_layout(folder: Path) -> tuple[Path, str, ModelConfig]:
     """(folder holding the weights, layout, config) for a HF root, an `original/` folder, or a root

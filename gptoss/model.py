@@ -345,6 +345,8 @@ class Model(nn.Module):
             if not shard.is_whole and state[name].untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
                 # A rank keeps its slice, not the file's pages under it (they would stay mapped).
                 state[name] = state[name].clone(memory_format=torch.contiguous_format)
+            if not shard.is_whole:
+                reader.release(ref.key)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary.inv_freq = yarn_inv_freq(config)[0].to(device)
         model.eval().requires_grad_(False)

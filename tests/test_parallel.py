@@ -170,10 +170,11 @@ def test_engine_greedy_tokens_equal_one_process(tiny, one_process_tokens, world,
     assert not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize("how", ["kill", "stop", "hang"])
 def test_a_lost_worker_fails_cleanly(tiny, monkeypatch, how):
     """A killed worker, or one that stops answering, is named in the error within the step timeout;
-    the LLM stays failed, and no worker process is left."""
+    the LLM stays failed, and no worker process is left. "hang" hides the stopped process from
+    rank 0's process check, as on another machine: the collective's timeout must catch it."""
     import signal
     import time
 
@@ -188,15 +189,22 @@ def test_a_lost_worker_fails_cleanly(tiny, monkeypatch, how):
         procs[0].kill()
         procs[0].wait()
         expected = "rank 1 was killed by SIGKILL"
-    else:
+    elif how == "stop":
         procs[0].send_signal(signal.SIGSTOP)
         expected = "rank 1 is stopped"
+    else:
+        from gptoss.engine.distributed import LocalWorkers
+
+        monkeypatch.setattr(LocalWorkers, "exited", lambda self: [])
+        procs[0].send_signal(signal.SIGSTOP)
+        expected = "a rank did not answer within 5 s"
     start = time.monotonic()
     with pytest.raises(ParallelError, match=expected):
         llm.generate([1, 2, 3], max_tokens=4)
     assert time.monotonic() - start < 30
     with pytest.raises(ParallelError, match=expected):
         llm.generate([4, 5], max_tokens=1)
+    monkeypatch.undo()
     llm.close()
     assert all(p.poll() is not None for p in procs)
     assert not torch.distributed.is_initialized()
