@@ -58,14 +58,19 @@ def process_memory(pid: int | str = "self") -> dict:
             "peak_gb": fields.get("VmHWM", 0.0)}
 
 
-def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """GB/s of a multithreaded read of a buffer far larger than the caches (best of `repeats`)."""
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, device="cpu") -> float:
+    """GB/s of a multithreaded read of a buffer far larger than the caches (best of `repeats`);
+    on a GPU, of its memory."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     buf.sum()  # fault the pages in
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         buf.sum()
+        sync()
         best = min(best, time.perf_counter() - start)
     return nbytes / best / 1e9
 
@@ -89,13 +94,13 @@ def bytes_per_token(path: str, model: Model) -> int:
 
 def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads: int | None = None,
               progress: bool = True, dense_int8: bool = False, tensor_parallel_size: int = 1,
-              expert_parallel: bool = False) -> BenchResult:
+              expert_parallel: bool = False, device: str = "cpu") -> BenchResult:
     from gptoss import ops
 
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = load_model(path, dtype=torch.bfloat16, progress=progress, dense_int8=dense_int8,
+    model = load_model(path, dtype=torch.bfloat16, progress=progress, dense_int8=dense_int8, device=device,
                        tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
     load_s = time.perf_counter() - start
     per_token = bytes_per_token(path, model)
@@ -135,10 +140,10 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
     memory = [dict(rank=r, **process_memory(pid)) for r, pid in enumerate(pids)]
     if ranks is not None:
         ranks.close()
-    bandwidth = measure_read_bandwidth()
+    bandwidth = measure_read_bandwidth(device=model.device)
     decode_gbs = decode_tps * per_token / 1e9
     return BenchResult(
-        model=str(path), threads=torch.get_num_threads(), kernels=ops.backend_name(), dense_int8=dense_int8,
+        model=str(path), threads=torch.get_num_threads(), kernels=ops.backend_name(model.device), dense_int8=dense_int8,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, load_s=load_s,
         prefill_tokens_per_s=prompt_tokens / prefill_s, decode_tokens_per_s=decode_tps,
         bytes_per_token=per_token, decode_gb_per_s=decode_gbs,

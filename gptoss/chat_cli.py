@@ -69,7 +69,9 @@ class ChatSession:
 
 
 def parallel_options(args) -> dict:
-    return {"tensor_parallel_size": args.tensor_parallel_size, "expert_parallel": args.expert_parallel}
+    """Where the model runs: --device and the tensor-parallel options."""
+    return {"tensor_parallel_size": args.tensor_parallel_size, "expert_parallel": args.expert_parallel,
+            "device": args.device}
 
 
 def run_chat(args) -> int:

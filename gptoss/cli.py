@@ -136,7 +136,7 @@ def cmd_bench(args) -> None:
     check_parallel(args)
     result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json,
                        dense_int8=args.dense_int8, tensor_parallel_size=args.tensor_parallel_size,
-                       expert_parallel=args.expert_parallel)
+                       expert_parallel=args.expert_parallel, device=args.device)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
 
 
@@ -173,6 +173,7 @@ def cmd_generate(args) -> int:
 
 
 def check_parallel(args) -> None:
+    check_device(args.device)
     if args.tensor_parallel_size < 1:
         raise UsageError(f"--tensor-parallel-size {args.tensor_parallel_size}: give at least 1 (the number of ranks)")
     if args.expert_parallel and args.tensor_parallel_size == 1:
@@ -204,7 +205,6 @@ def cmd_serve(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.port > 65535:
         raise UsageError(f"--port {args.port}: a TCP port is 1 to 65535")
-    check_device(args.device)
     check_parallel(args)
     if args.max_queue < 0:
         raise UsageError("--max-queue must be at least 0")
@@ -227,6 +227,7 @@ def cmd_serve(args) -> None:
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model over N processes (torch.distributed; default 1)")
     p.add_argument("--expert-parallel", action="store_true",
@@ -315,7 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-size", default=None, help="KV cache size: tokens (65536) or bytes (4GB, 512MiB)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for a slot; more get 429")
-    p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let running requests finish before ending them (default 30)")

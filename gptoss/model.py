@@ -126,7 +126,8 @@ class Attention(nn.Module):
             keys, values, key_pos, key_rows = k, v, positions, None
         else:
             keys, values, key_pos, key_rows = cache.update(k, v, positions)
-        out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window, key_rows)
+        seq_starts = getattr(cache, "seq_starts", None)  # the engine's rows of one sequence share keys
+        out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window, key_rows, seq_starts)
         return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
 
 

@@ -26,8 +26,8 @@ class PagedLayer:
     """The cache of one layer for one step, with the model's LayerCache.update() interface."""
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                 key_rows: torch.Tensor, key_positions: torch.Tensor):
-        self.k_pool, self.v_pool, self.slots = k_pool, v_pool, slots
+                 key_rows: torch.Tensor, key_positions: torch.Tensor, seq_starts: torch.Tensor):
+        self.k_pool, self.v_pool, self.slots, self.seq_starts = k_pool, v_pool, slots, seq_starts
         self.key_rows, self.key_positions = key_rows, key_positions
 
     def update(self, k, v, positions):
@@ -44,7 +44,8 @@ class PagedCache:
 
     def __init__(self, batch: ForwardBatch, pools: list[tuple[torch.Tensor, torch.Tensor]], sliding_layer: list[bool]):
         index = {kind: batch.key_index(kind) for kind in set(sliding_layer)}
-        self.layers = [PagedLayer(k, v, batch.sliding_slots if sliding else batch.full_slots, *index[sliding])
+        self.layers = [PagedLayer(k, v, batch.sliding_slots if sliding else batch.full_slots, *index[sliding],
+                                  batch.query_start)
                        for (k, v), sliding in zip(pools, sliding_layer)]
 
     def advance(self, positions) -> None:  # the block tables already say where everything is

@@ -3,8 +3,9 @@
 `linear`, `moe_experts`, `attention`, `rms_norm` and `rotary` are what the model calls. Each call
 goes to the `Backend` chosen for its tensor's device type, once: the first time a device type is
 seen (or when `Model.from_pretrained` loads onto it), `select` decides between the C++ kernels of
-`gptoss.ops.cpu` and the plain-torch twins in `gptoss.ops.reference`, and that is where a failed
-kernel build is reported (one warning, or an error under GPTOSS_REQUIRE_KERNELS=1).
+`gptoss.ops.cpu` (CPU), the Triton kernels of `gptoss.ops.triton` (CUDA, sm75+), and the
+plain-torch twins in `gptoss.ops.reference`, and that is where a failed kernel build or a GPU the
+kernels cannot use is reported (one warning, or an error under GPTOSS_REQUIRE_KERNELS=1).
 `GPTOSS_KERNELS=reference` at start-up forces the twins; `use("reference")` does it at run time
 (tests, training).
 """
@@ -60,12 +61,30 @@ def select(device: torch.device | str = "cpu") -> Backend:
     backend = _chosen.get(kind)
     if backend is None:
         wanted = _forced or os.environ.get("GPTOSS_KERNELS", "").strip().lower() or "auto"
-        if wanted not in ("auto", "reference", "cpu"):
+        if wanted not in ("auto", "reference", "cpu", "triton"):
             log.warning("GPTOSS_KERNELS=%s is not a backend (use 'reference', or leave it unset); "
                         "choosing automatically", wanted)
-        fast = kind == "cpu" and wanted != "reference" and cpu.available()
-        backend = _chosen[kind] = _cpu_backend() if fast else REFERENCE
+        if kind == "cuda":
+            backend = _chosen[kind] = _gpu_backend(torch.device(device), wanted)
+        else:
+            fast = kind == "cpu" and wanted != "reference" and cpu.available()
+            backend = _chosen[kind] = _cpu_backend() if fast else REFERENCE
     return backend
+
+
+def _gpu_backend(device: torch.device, wanted: str) -> Backend:
+    """The Triton kernels where they run, else the reference path with one line saying why."""
+    from gptoss.ops import triton as gpu
+
+    if wanted == "reference":
+        return REFERENCE
+    reason = gpu.unavailable_reason(device)
+    if reason is not None:
+        if os.environ.get("GPTOSS_REQUIRE_KERNELS", "").strip() not in ("", "0"):
+            raise RuntimeError(f"GPTOSS_REQUIRE_KERNELS is set and the GPU kernels cannot run: {reason}")
+        log.warning("GPU kernels off: %s; running the plain-torch reference path on %s (slow)", reason, device)
+        return REFERENCE
+    return gpu.backend(device)
 
 
 def use(name: str | None) -> None:
@@ -110,8 +129,8 @@ def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: t
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
-              key_rows: torch.Tensor | None = None) -> torch.Tensor:
-    return _for(q).attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
+              key_rows: torch.Tensor | None = None, seq_starts: torch.Tensor | None = None) -> torch.Tensor:
+    return _for(q).attention(q, k, v, sinks, q_pos, k_pos, window, key_rows, seq_starts)
 
 
 def backend_name(device: torch.device | str = "cpu") -> str:

@@ -139,14 +139,16 @@ def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
-              key_rows: torch.Tensor | None = None) -> torch.Tensor:
+              key_rows: torch.Tensor | None = None, seq_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention with a learned sink per head, GQA, causal and optional sliding window.
 
     q [B, T, Hq, D], k/v [B, S, Hkv, D], sinks [Hq], q_pos [B, T] and k_pos [B, S] absolute
     positions (k_pos < 0 marks an empty cache slot). Query i sees key j when
     pos_j <= pos_i and, with window > 0, pos_i - window < pos_j. Returns [B, T, Hq, D].
     With `key_rows` [B, S], k and v are a paged cache [..., Hkv, D] and key j of row b is its row
-    key_rows[b, j] (ignored where k_pos < 0).
+    key_rows[b, j] (ignored where k_pos < 0). `seq_starts` [S + 1], with key_rows, says that rows
+    seq_starts[i]:seq_starts[i + 1] share their keys (one sequence): a hint for kernels that tile
+    queries (triton/), which never changes the result.
     """
     if key_rows is not None:
         rows = key_rows.clamp(min=0)

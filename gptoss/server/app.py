@@ -203,7 +203,8 @@ def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_le
     print(f"gptoss serve: {state.model_name} on http://{host}:{port}/v1"
           f"{f' (chat page at http://{host}:{port}/)' if state.ui else ''} "
           f"(KV cache {engine.kv_cache_tokens} tokens, {engine.max_num_seqs} sequences, "
-          f"queue {engine.max_queue}{', API key required' if state.api_key else ''})", flush=True)
+          f"queue {engine.max_queue}{', API key required' if state.api_key else ''}; "
+          f"kernels: {_kernels(engine)})", flush=True)
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, state.engine, shutdown_timeout)
@@ -211,6 +212,13 @@ def run(state: ServerState, *, host: str = "127.0.0.1", port: int = 8000, log_le
     server.run()
     if state.engine.fatal is not None:
         raise SystemExit(f"gptoss serve: stopped: {state.engine.fatal}")
+
+
+def _kernels(engine) -> str:
+    from gptoss import ops
+
+    model = getattr(getattr(engine, "engine", None), "model", None)
+    return ops.backend_name(model.device) if model is not None else "unknown"
 
 
 class DrainingServer(uvicorn.Server):

@@ -396,7 +396,7 @@ def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: t
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
-              key_rows: torch.Tensor | None = None) -> torch.Tensor:
+              key_rows: torch.Tensor | None = None, seq_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Attention with sinks, GQA and sliding window; per query over its visible keys (decode and prefill).
 
     With `key_rows`, the keys are read in place from a paged cache (see the reference)."""
