@@ -94,7 +94,7 @@ def bytes_per_token(path: str, model: Model) -> int:
 
 def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads: int | None = None,
               progress: bool = True, dense_int8: bool = False, tensor_parallel_size: int = 1,
-              expert_parallel: bool = False, device: str = "cpu") -> BenchResult:
+              expert_parallel: bool = False, device: str = "cpu", cuda_graphs: bool | None = None) -> BenchResult:
     from gptoss import ops
 
     if threads:
@@ -108,7 +108,8 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
     prompt = torch.randint(0, min(model.config.vocab_size, 199998), (prompt_tokens,), generator=gen).tolist()
 
     def engine_for(tokens: int) -> LLMEngine:  # the server's engine, holding one request
-        return LLMEngine(model, kv_cache_size=tokens + 64, max_num_seqs=1, max_batched_tokens=max(tokens, 1))
+        return LLMEngine(model, kv_cache_size=tokens + 64, max_num_seqs=1, max_batched_tokens=max(tokens, 1),
+                         cuda_graphs=cuda_graphs)
 
     steps = range(gen_tokens + 1)
     if progress:

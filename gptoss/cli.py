@@ -136,7 +136,8 @@ def cmd_bench(args) -> None:
     check_parallel(args)
     result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json,
                        dense_int8=args.dense_int8, tensor_parallel_size=args.tensor_parallel_size,
-                       expert_parallel=args.expert_parallel, device=args.device)
+                       expert_parallel=args.expert_parallel, device=args.device,
+                       cuda_graphs=False if args.enforce_eager else None)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
 
 
@@ -220,7 +221,8 @@ def cmd_serve(args) -> None:
                             kv_cache_size=args.kv_cache_size, max_num_seqs=args.max_num_seqs,
                             max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8,
                             strict_params=args.strict_params, ui=not args.no_ui,
-                            tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
+                            tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel,
+                            cuda_graphs=False if args.enforce_eager else None)
     except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
         raise UsageError(str(exc)) from None
     run(state, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
@@ -228,6 +230,8 @@ def cmd_serve(args) -> None:
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda, cuda:1)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model over N processes (torch.distributed; default 1)")
     p.add_argument("--expert-parallel", action="store_true",

@@ -123,11 +123,12 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, t, self.n_kv, self.head_dim), rope)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         if cache is None:
-            keys, values, key_pos, key_rows = k, v, positions, None
+            out = ops.attention(q, k, v, self.sinks, positions, positions, self.window)
+        elif hasattr(cache, "attend"):  # the engine's paged caches store and read their pools themselves
+            out = cache.attend(q, k, v, self.sinks, positions, self.window)
         else:
             keys, values, key_pos, key_rows = cache.update(k, v, positions)
-        seq_starts = getattr(cache, "seq_starts", None)  # the engine's rows of one sequence share keys
-        out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window, key_rows, seq_starts)
+            out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window, key_rows)
         return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
 
 

@@ -22,6 +22,7 @@ from gptoss.ops import reference  # noqa: E402
 from gptoss.ops.reference import ExpertWeights  # noqa: E402
 from gptoss.ops.triton import attention as triton_attention  # noqa: E402
 from gptoss.ops.triton import moe as triton_moe  # noqa: E402
+from gptoss.ops.triton import norm_rope  # noqa: E402
 
 # numpy in the interpreter warns where exp2 overflows to inf (a NaN scale, sigmoid of a large gate): intended
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
@@ -33,6 +34,21 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     scale = want.float().abs().max().clamp(min=1.0)
     err = ((got.float() - want.float()).abs().max() / scale).item()
     assert err <= TOLERANCE[dtype], f"relative error {err:.2e} (allowed {TOLERANCE[dtype]:.0e})"
+
+
+# -- RMSNorm and rotary --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_and_rotary_match_reference(dtype):
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(3, 5, 96, generator=gen) * 3).to(dtype)  # 96: not a power of two
+    weight = torch.randn(96, generator=gen)
+    close(norm_rope.rms_norm(x, weight, 1e-5), reference.rms_norm(x, weight, 1e-5), dtype)
+    q = torch.randn(2, 7, 6, 32, generator=gen).to(dtype)
+    angles = torch.randn(2, 7, 1, 16, generator=gen)
+    cos, sin = angles.cos() * 1.3, angles.sin() * 1.3
+    close(norm_rope.rotary(q, cos, sin), reference.rotary(q, cos, sin), dtype)
+    assert norm_rope.rotary(q, cos, sin).dtype == dtype
 
 
 # -- MXFP4 experts ----------------------------------------------------------------------------------
@@ -104,8 +120,8 @@ BLOCK = 16
 
 
 def paged_batch(context_lens: list[int], new_tokens: list[int], n_kv: int, head_dim: int, seed: int = 0):
-    """Pools of shuffled blocks holding each sequence's keys, and the ForwardBatch index of a step
-    whose sequence b adds its last new_tokens[b] tokens (a page partly filled at its end)."""
+    """Pools of shuffled blocks holding each sequence's keys, the ForwardBatch index of a step whose
+    sequence b adds its last new_tokens[b] tokens (a page partly filled at its end), and the table."""
     gen = torch.Generator().manual_seed(seed)
     pages = [-(-n // BLOCK) for n in context_lens]
     blocks = torch.randperm(sum(pages) + 3, generator=gen)
@@ -124,7 +140,7 @@ def paged_batch(context_lens: list[int], new_tokens: list[int], n_kv: int, head_
                          positions, positions, table, table, torch.zeros(len(pages), dtype=torch.long),
                          torch.zeros(0, dtype=torch.long), BLOCK)
     key_rows, key_pos = batch.key_index(sliding=False)  # the window is masked by position, as in the model
-    return k_pool, v_pool, positions, key_rows, key_pos, starts
+    return k_pool, v_pool, positions, key_rows, key_pos, starts, table
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -134,7 +150,7 @@ def test_decode_attention_matches_reference(dtype, window, n_q, n_kv, head_dim):
     """One query per sequence at lengths 1, 127, 128, 129 and 300 (windows cut, pages part full),
     with the keys split over several programs."""
     lens = [1, 127, 128, 129, 300]
-    k_pool, v_pool, positions, key_rows, key_pos, _ = paged_batch(lens, [1] * len(lens), n_kv, head_dim)
+    k_pool, v_pool, positions, key_rows, key_pos, _, _ = paged_batch(lens, [1] * len(lens), n_kv, head_dim)
     gen = torch.Generator().manual_seed(n_q)
     q = torch.randn(len(lens), 1, n_q, head_dim, generator=gen)
     sinks = torch.randn(n_q, generator=gen)
@@ -149,12 +165,40 @@ def test_decode_attention_matches_reference(dtype, window, n_q, n_kv, head_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [0, 128])
+def test_decode_through_block_tables_matches_reference(dtype, window):
+    """The CUDA-graph form: the kernel walks each sequence's block table itself (a table wider than
+    any sequence, padding rows of length 0, and a sliding table starting at a later page)."""
+    lens = [1, 127, 128, 129, 300, 0]
+    n_kv, n_q, head_dim = 2, 8, 32
+    k_pool, v_pool, positions, _, _, _, table = paged_batch(lens[:-1], [1] * 5, n_kv, head_dim, seed=4)
+    table = torch.cat([table, torch.full((5, 3), -1)], 1)  # room for longer sequences
+    table = torch.cat([table, torch.full((1, table.shape[1]), -1)])  # a padding row: no pages
+    context = torch.tensor(lens)
+    positions = torch.cat([positions, torch.zeros(1, dtype=torch.long)])
+    first = torch.zeros(6, dtype=torch.long)
+    if window:  # the sliding pool's table starts at the first page the window can see
+        first = torch.clamp((context - window) // BLOCK, min=0)
+        table = torch.stack([torch.cat([row[f:], torch.full((int(f),), -1)]) for row, f in zip(table, first)])
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(6, 1, n_q, head_dim, generator=gen)
+    sinks = torch.randn(n_q, generator=gen)
+    cast = [t.to(dtype) for t in (q, k_pool, v_pool)]
+    want = reference.decode_attention(*[t.float() for t in cast], sinks, positions[:, None], table, first, context,
+                                      window)
+    for splits in (1, 4):
+        got = triton_attention.decode_attention(*cast, sinks, positions[:, None], table, first, context, window,
+                                                compute_dtype=dtype, splits=splits)
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [0, 128])
 def test_prefill_attention_matches_reference(dtype, window):
     """Chunks of several queries per sequence (a whole prompt of 129, the tail of a cached 300, a
     single decode row) in one flat batch; tiles of 16 and 64 rows."""
     lens, new = [129, 300, 40, 7], [129, 37, 1, 7]
     n_q, n_kv, head_dim = 8, 2, 16
-    k_pool, v_pool, positions, key_rows, key_pos, starts = paged_batch(lens, new, n_kv, head_dim, seed=1)
+    k_pool, v_pool, positions, key_rows, key_pos, starts, _ = paged_batch(lens, new, n_kv, head_dim, seed=1)
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(positions.numel(), 1, n_q, head_dim, generator=gen)
     sinks = torch.randn(n_q, generator=gen)
@@ -229,3 +273,35 @@ def test_a_cuda_device_without_the_kernels_says_why(monkeypatch, caplog):
     finally:
         ops.use(None)
     assert main(["generate", "--prompt", "hi", "--device", "cuda"]) == 2
+
+
+# -- decode steps as CUDA graphs replay them ---------------------------------------------------------
+
+@pytest.mark.parametrize("kernels", ["cpu", "triton"])
+def test_static_decode_steps_give_the_eager_tokens(tmp_path, kernels):
+    """The static decode step a CUDA graph captures (buckets of padded rows, tables walked by the
+    kernel) gives the tokens of the eager step: 5 sequences (a bucket of 8 with 3 padding rows),
+    prompts past the 128-token window, decoding across page boundaries."""
+    from gptoss import LLM, ops
+    from gptoss.cli import main
+    from gptoss.ops import triton as gpu
+
+    assert main(["synth", str(tmp_path / "m"), "--preset", "tiny", "--seed", "11"]) == 0
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50_000, (n,), generator=gen).tolist() for n in (1, 20, 127, 140, 300)]
+
+    def tokens(graphs: bool):
+        llm = LLM(tmp_path / "m", dtype=torch.float32, max_num_seqs=8, cuda_graphs=graphs)
+        assert (llm.engine.runner.graphs is not None) == graphs
+        out = [r.token_ids for r in llm.generate(prompts, temperature=0, max_tokens=20, ignore_eos=True)]
+        if graphs:  # every step after the prompts' was a static one
+            assert llm.engine.runner.graphs.replays >= 19
+        return out
+
+    ops.use(None)
+    try:
+        if kernels == "triton":
+            ops._chosen["cpu"] = gpu.make_backend(torch.float16, "triton (interpreter)")
+        assert tokens(True) == tokens(False)
+    finally:
+        ops.use(None)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gptoss.ops.reference import table_keys
+
 
 @dataclass
 class ForwardBatch:
@@ -49,10 +51,6 @@ class ForwardBatch:
         its own sequence's held pages (attention masks the future and what left the window)."""
         table = self.sliding_block_table if sliding else self.full_block_table
         first = self.sliding_first_page if sliding else torch.zeros_like(self.context_lens)
-        bs, (b, width) = self.block_size, table.shape
-        offset = torch.arange(bs, device=table.device)
-        pos = ((first[:, None] + torch.arange(width, device=table.device))[:, :, None] * bs + offset).reshape(b, -1)
-        rows = (table[:, :, None] * bs + offset).reshape(b, -1)
-        valid = (table[:, :, None] >= 0).expand(-1, -1, bs).reshape(b, -1) & (pos < self.context_lens[:, None])
+        rows, pos = table_keys(table, first, self.context_lens, self.block_size)
         seq = self.seq_of_row()
-        return torch.where(valid, rows, -1)[seq], torch.where(valid, pos, -1)[seq]
+        return rows[seq], pos[seq]

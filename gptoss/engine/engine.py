@@ -81,7 +81,9 @@ def parse_size(text: str | int | None) -> tuple[str, int] | None:
 
 class LLMEngine:
     def __init__(self, model: Model, *, kv_cache_size: str | int | None = None, max_num_seqs: int = 32,
-                 max_batched_tokens: int = 512, prefix_caching: bool = True, seed: int | None = None):
+                 max_batched_tokens: int = 512, prefix_caching: bool = True, seed: int | None = None,
+                 cuda_graphs: bool | None = None):
+        """`cuda_graphs`: None replays decode steps from CUDA graphs on a GPU (False: --enforce-eager)."""
         self.model = model
         config = model.config
         self.context_length = config.context_length
@@ -103,7 +105,7 @@ class LLMEngine:
         self.kv_cache_tokens = num_full * BLOCK_SIZE
         self.kv_cache_bytes = num_full * full_bytes + num_sliding * sliding_bytes
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_batched_tokens)
-        self.runner = ModelRunner(model, self.kv, seed)
+        self.runner = ModelRunner(model, self.kv, seed, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
         self.max_num_seqs = max_num_seqs
         self._totals = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "batch_tokens": 0,
                         "last_batch_size": 0}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gptoss import parallel
+from gptoss import ops, parallel
 from gptoss.engine.batch import ForwardBatch
 from gptoss.engine.kv_cache import KVCacheManager
 from gptoss.engine.scheduler import ScheduledSeq
@@ -23,20 +23,26 @@ from gptoss.sampling import SampleOutput, Sampler
 
 
 class PagedLayer:
-    """The cache of one layer for one step, with the model's LayerCache.update() interface."""
+    """The cache of one layer for one step: stores the step's keys/values, then attends over the
+    pool in place, each row through its own sequence's pages."""
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
                  key_rows: torch.Tensor, key_positions: torch.Tensor, seq_starts: torch.Tensor):
         self.k_pool, self.v_pool, self.slots, self.seq_starts = k_pool, v_pool, slots, seq_starts
         self.key_rows, self.key_positions = key_rows, key_positions
 
-    def update(self, k, v, positions):
-        """Store the new keys/values [N, 1, Hkv, D], then let attention read the pool in place."""
+    def store(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values [N, 1, Hkv, D] to their slots; the pools as [rows, Hkv, D]."""
         flat_k = self.k_pool.view(-1, *k.shape[2:])
         flat_v = self.v_pool.view(-1, *v.shape[2:])
         flat_k[self.slots] = k.reshape(-1, *k.shape[2:])
         flat_v[self.slots] = v.reshape(-1, *v.shape[2:])
-        return flat_k, flat_v, self.key_positions, self.key_rows
+        return flat_k, flat_v
+
+    def attend(self, q, k, v, sinks, positions, window):
+        flat_k, flat_v = self.store(k, v)
+        return ops.attention(q, flat_k, flat_v, sinks, positions, self.key_positions, window, self.key_rows,
+                             self.seq_starts)
 
 
 class PagedCache:
@@ -73,13 +79,28 @@ def _padded(rows: list[list[int]], fill: int = -1) -> torch.Tensor:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, kv: KVCacheManager, seed: int | None = None):
+    def __init__(self, model: Model, kv: KVCacheManager, seed: int | None = None, cuda_graphs: bool | None = None,
+                 max_num_seqs: int = 32):
+        """`cuda_graphs`: replay decode steps from CUDA graphs (gptoss.engine.cuda_graphs); None
+        decides (on for CUDA devices with one rank); True on a CPU runs the same static steps."""
         self.model = model
         self.kv = kv
         self.sliding_layer = sliding_layers(model)
-        sizes = (kv.full.num_blocks, kv.sliding.num_blocks, kv.block_size)
-        self.pools = allocate_pools(model, *sizes)
         self.ranks = getattr(model, "ranks", None)  # the other ranks, with tensor parallelism
+        if cuda_graphs is None:
+            cuda_graphs = model.device.type == "cuda" and self.ranks is None
+        scratch = 1 if cuda_graphs else 0  # a block per pool that padding rows of a graph write
+        sizes = (kv.full.num_blocks + scratch, kv.sliding.num_blocks + scratch, kv.block_size)
+        self.pools = allocate_pools(model, *sizes)
+        self.graphs = None
+        if cuda_graphs:
+            from gptoss.engine.cuda_graphs import DecodeGraphs
+
+            bs, config = kv.block_size, model.config
+            full_pages = min(-(-config.context_length // bs), kv.full.num_blocks)
+            sliding_pages = -(-config.sliding_window // bs) + 2
+            self.graphs = DecodeGraphs(model, self.pools, self.sliding_layer, bs, full_pages, sliding_pages,
+                                       (kv.full.num_blocks * bs, kv.sliding.num_blocks * bs), max_num_seqs)
         if self.ranks is not None:
             with parallel.lock():
                 self.ranks.send(("pools", *sizes))
@@ -123,6 +144,8 @@ class ModelRunner:
         """Logits [R, V] of the batch's logit rows; stores the new keys/values."""
         if self.ranks is None:
             batch = batch.to(self.model.device)
+            if self.graphs is not None and self.graphs.applies(batch):
+                return self.graphs.run(batch)
             return self.model.forward_batch(batch, PagedCache(batch, self.pools, self.sliding_layer))
         with parallel.lock():  # the heartbeat waits: the ranks see the batch, then its collectives
             self.ranks.send(batch)

@@ -39,11 +39,21 @@ class Backend:
     quantize_rows_int8: Callable
     moe_experts: Callable
     attention: Callable
+    decode_attention: Callable
+
+
+def decode_attention_via(attention_fn: Callable) -> Callable:
+    """`decode_attention` for a backend whose `attention` reads paged keys by row."""
+    def decode(q, k_pool, v_pool, sinks, q_pos, block_table, first_page, context_lens, window):
+        rows, pos = reference.table_keys(block_table, first_page, context_lens, k_pool.shape[1])
+        return attention_fn(q, k_pool.reshape(-1, *k_pool.shape[2:]), v_pool.reshape(-1, *v_pool.shape[2:]),
+                            sinks, q_pos, pos, window, rows)
+    return decode
 
 
 REFERENCE = Backend("reference (plain torch)", reference.linear, reference.rms_norm, reference.rotary,
                     reference.linear_int8, reference.quantize_rows_int8, reference.moe_experts,
-                    reference.attention)
+                    reference.attention, reference.decode_attention)
 
 _chosen: dict[str, Backend] = {}  # device type -> its backend, decided once
 _forced: str | None = None
@@ -51,7 +61,7 @@ _forced: str | None = None
 
 def _cpu_backend() -> Backend:
     return Backend("cpu", cpu.linear, cpu.rms_norm, cpu.rotary, cpu.linear_int8,
-                   cpu.quantize_rows_int8, cpu.moe_experts, cpu.attention)
+                   cpu.quantize_rows_int8, cpu.moe_experts, cpu.attention, decode_attention_via(cpu.attention))
 
 
 def select(device: torch.device | str = "cpu") -> Backend:
@@ -131,6 +141,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
               key_rows: torch.Tensor | None = None, seq_starts: torch.Tensor | None = None) -> torch.Tensor:
     return _for(q).attention(q, k, v, sinks, q_pos, k_pos, window, key_rows, seq_starts)
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sinks: torch.Tensor,
+                     q_pos: torch.Tensor, block_table: torch.Tensor, first_page: torch.Tensor,
+                     context_lens: torch.Tensor, window: int) -> torch.Tensor:
+    return _for(q).decode_attention(q, k_pool, v_pool, sinks, q_pos, block_table, first_page, context_lens, window)
 
 
 def backend_name(device: torch.device | str = "cpu") -> str:

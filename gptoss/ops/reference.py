@@ -137,6 +137,31 @@ def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return top_indices, weights
 
 
+def table_keys(block_table: torch.Tensor, first_page: torch.Tensor, context_lens: torch.Tensor,
+               block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool rows [B, P * block_size], positions [B, P * block_size], -1 where empty) of the keys
+    in each sequence's pages: entry j of block_table[b] holds page first_page[b] + j (-1: not
+    held), and only positions below context_lens[b] exist."""
+    b, width = block_table.shape
+    offset = torch.arange(block_size, device=block_table.device)
+    pages = first_page[:, None] + torch.arange(width, device=block_table.device)
+    pos = (pages[:, :, None] * block_size + offset).reshape(b, -1)
+    rows = (block_table[:, :, None] * block_size + offset).reshape(b, -1)
+    valid = (block_table[:, :, None] >= 0).expand(-1, -1, block_size).reshape(b, -1) & (pos < context_lens[:, None])
+    return torch.where(valid, rows, -1), torch.where(valid, pos, -1)
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sinks: torch.Tensor,
+                     q_pos: torch.Tensor, block_table: torch.Tensor, first_page: torch.Tensor,
+                     context_lens: torch.Tensor, window: int) -> torch.Tensor:
+    """`attention` for one query per sequence, q [B, 1, Hq, D], over the pools [blocks, block_size,
+    Hkv, D] through the block tables (see table_keys): every shape is fixed by the batch size and
+    the table width, so a CUDA graph can replay it."""
+    rows, pos = table_keys(block_table, first_page, context_lens, k_pool.shape[1])
+    return attention(q, k_pool.reshape(-1, *k_pool.shape[2:]), v_pool.reshape(-1, *v_pool.shape[2:]), sinks,
+                     q_pos, pos, window, rows)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
               key_rows: torch.Tensor | None = None, seq_starts: torch.Tensor | None = None) -> torch.Tensor:

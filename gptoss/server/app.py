@@ -170,7 +170,8 @@ MIN_KV_CACHE_TOKENS = 1024  # less, and every chat request would be refused for 
 def build_state(path: str | Path, *, served_model_name: str | None = None, api_key: str | None = None,
                 kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
                 progress: bool = True, dense_int8: bool = False, strict_params: bool = False,
-                ui: bool = True, tensor_parallel_size: int = 1, expert_parallel: bool = False) -> ServerState:
+                ui: bool = True, tensor_parallel_size: int = 1, expert_parallel: bool = False,
+                cuda_graphs: bool | None = None) -> ServerState:
     """Load the model and wrap it for serving."""
     from gptoss.engine.engine import LLMEngine
     from gptoss.engine.distributed import load_model
@@ -184,7 +185,7 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
     encoding, text_encoding = harmony_encoding(path), tiktoken_encoding(path)  # fail fast on a missing vocab
     model = load_model(path, device=device, progress=progress, dense_int8=dense_int8,
                        tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
-    engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs)
+    engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs)
     smallest = min(MIN_KV_CACHE_TOKENS, model.config.context_length)
     if engine.kv_cache_tokens < smallest:
         raise ValueError(f"a KV cache of {kv_cache_size} holds {engine.kv_cache_tokens} tokens; the server needs room "

@@ -1,5 +1,5 @@
-"""GPU kernels in Triton: MXFP4 experts (moe.py) and sink attention over the paged cache
-(attention.py). The dense products, norms and rotary stay torch on the GPU (cuBLAS does those).
+"""GPU kernels in Triton: MXFP4 experts (moe.py), sink attention over the paged cache
+(attention.py), RMSNorm and rotary (norm_rope.py). The dense products stay cuBLAS.
 
 Chosen once per device by `gptoss.ops.select`: Triton importable and an NVIDIA GPU of compute
 capability 7.5 (Turing) or newer. The compute dtype follows the card: bf16 from sm80 (Ampere),
@@ -45,7 +45,7 @@ def backend(device: torch.device):
 def make_backend(card: torch.dtype, name: str):
     """The kernels computing half-precision models in `card` (fp32 models stay fp32)."""
     from gptoss.ops import Backend, reference
-    from gptoss.ops.triton import attention, moe
+    from gptoss.ops.triton import attention, moe, norm_rope
 
     def dtype_for(x: torch.Tensor) -> torch.dtype:
         return torch.float32 if x.dtype == torch.float32 else card
@@ -57,5 +57,9 @@ def make_backend(card: torch.dtype, name: str):
         return attention.attention(q, k, v, sinks, q_pos, k_pos, window, key_rows, seq_starts,
                                    compute_dtype=dtype_for(q))
 
-    return Backend(name, reference.linear, reference.rms_norm, reference.rotary, reference.linear_int8,
-                   reference.quantize_rows_int8, moe_experts, attend)
+    def decode(q, k_pool, v_pool, sinks, q_pos, block_table, first_page, context_lens, window):
+        return attention.decode_attention(q, k_pool, v_pool, sinks, q_pos, block_table, first_page, context_lens,
+                                          window, compute_dtype=dtype_for(q))
+
+    return Backend(name, reference.linear, norm_rope.rms_norm, norm_rope.rotary, reference.linear_int8,
+                   reference.quantize_rows_int8, moe_experts, attend, decode)

@@ -32,11 +32,27 @@ def _visible(k_pos, q_pos, WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _decode_key_index(s, n, rows_ptr, kpos_ptr, stride_rn, stride_pn, table_ptr, first_ptr, ctx_ptr, stride_tn,
+                      num_keys, BLOCK_SIZE: tl.constexpr, TABLES: tl.constexpr):
+    """Pool row and position of key s of row n (-1: none): read from key_rows/k_pos, or with TABLES
+    worked out from the row's block table (entry j holds page first_page + j)."""
+    in_range = s < num_keys
+    if TABLES:
+        block = tl.load(table_ptr + n * stride_tn + s // BLOCK_SIZE, mask=in_range, other=-1)
+        pos = (tl.load(first_ptr + n) + s // BLOCK_SIZE) * BLOCK_SIZE + s % BLOCK_SIZE
+        held = in_range & (block >= 0) & (pos < tl.load(ctx_ptr + n))
+        return tl.where(held, block * BLOCK_SIZE + s % BLOCK_SIZE, 0), tl.where(held, pos, -1)
+    row = tl.load(rows_ptr + n * stride_rn + s, mask=in_range, other=0)
+    return row, tl.load(kpos_ptr + n * stride_pn + s, mask=in_range, other=-1)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, kpos_ptr, qpos_ptr, m_ptr, l_ptr, acc_ptr,
-                   S, keys_per_split, scale,
-                   stride_qn, stride_qh, stride_kr, stride_kh, stride_rn, stride_pn,
+                   table_ptr, first_ptr, ctx_ptr, S, scale,
+                   stride_qn, stride_qh, stride_kr, stride_kh, stride_rn, stride_pn, stride_tn,
                    stride_mn, stride_mh, stride_an, stride_ah, stride_as,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TABLES: tl.constexpr,
                    WINDOW: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     n = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -47,16 +63,19 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, rows_ptr, kpos_ptr, qpos_ptr, m_ptr, l_p
     q = tl.load(q_ptr + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=head_mask[:, None], other=0.0)
     q = q.to(COMPUTE)
     q_pos = tl.load(qpos_ptr + n)
+    num_keys = S
+    if TABLES:  # only the pages the sequence holds so far: the loop stops at its length, not the table's
+        num_keys = tl.minimum(S, tl.maximum(tl.load(ctx_ptr + n) - tl.load(first_ptr + n) * BLOCK_SIZE, 0))
+    per_split = tl.cdiv(tl.cdiv(num_keys, SPLITS), BLOCK_N) * BLOCK_N
     m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, D), tl.float32)
-    first = split * keys_per_split
-    for s0 in range(first, first + keys_per_split, BLOCK_N):
+    first = split * per_split
+    for s0 in range(first, first + per_split, BLOCK_N):
         s = s0 + tl.arange(0, BLOCK_N)
-        in_range = (s < first + keys_per_split) & (s < S)
-        k_pos = tl.load(kpos_ptr + n * stride_pn + s, mask=in_range, other=-1)
-        row = tl.load(rows_ptr + n * stride_rn + s, mask=in_range, other=0)
-        ok = _visible(k_pos, q_pos, WINDOW) & in_range
+        row, k_pos = _decode_key_index(s, n, rows_ptr, kpos_ptr, stride_rn, stride_pn, table_ptr, first_ptr,
+                                       ctx_ptr, stride_tn, num_keys, BLOCK_SIZE, TABLES)
+        ok = _visible(k_pos, q_pos, WINDOW) & (s < first + per_split) & (s < num_keys)
         row = tl.where(ok, row, 0)
         k = tl.load(k_ptr + row[:, None] * stride_kr + kv_head * stride_kh + d[None, :], mask=ok[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k.to(COMPUTE)), input_precision=PRECISION, out_dtype=tl.float32) * scale
@@ -149,6 +168,57 @@ def _as_paged(q, k, v, q_pos, k_pos):
             q_pos.reshape(b * t, 1), k_pos.repeat_interleave(t, 0), rows, torch.arange(b + 1, device=q.device) * t)
 
 
+def _decode(q3, k, v, sinks, q_pos, window, splits, compute, precision, *, rows=None, k_pos=None,
+            table=None, first_page=None, context_lens=None, block_size=1):
+    """The decode kernel over keys given by row (rows/k_pos [N, S]) or by block table ([N, P]);
+    the splits' partial softmaxes merged with the sink. Returns [N, Hq, D] fp32."""
+    n, n_q, head_dim = q3.shape
+    n_kv = k.shape[1]
+    group = n_q // n_kv
+    tables = table is not None
+    num_keys = table.shape[1] * block_size if tables else rows.shape[1]
+    splits = splits or max(1, min(16, triton.cdiv(num_keys, 512)))
+    m = torch.empty(n, n_q, splits, dtype=torch.float32, device=q3.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(n, n_q, splits, head_dim, dtype=torch.float32, device=q3.device)
+    dummy = q_pos  # the addressing mode not used still needs a pointer
+    rows, k_pos = (dummy, dummy) if tables else (rows, k_pos)
+    table, first_page, context_lens = (table, first_page, context_lens) if tables else (dummy, dummy, dummy)
+    _decode_kernel[(n, n_kv, splits)](
+        q3, k, v, rows, k_pos, q_pos, m, l, acc, table, first_page, context_lens, num_keys, head_dim ** -0.5,
+        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), rows.stride(0), k_pos.stride(0), table.stride(0),
+        m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=32, SPLITS=splits,
+        BLOCK_SIZE=block_size, TABLES=tables, WINDOW=window, COMPUTE=compute, PRECISION=precision)
+    sink = sinks.float().reshape(1, n_q, 1)
+    top = torch.maximum(m.amax(-1, keepdim=True), sink)
+    weights = torch.exp(m - top)  # exp(-inf) = 0 for splits that saw no key
+    total = (weights * l).sum(-1) + torch.exp(sink - top)[..., 0]
+    return (weights[..., None] * acc).sum(2) / total[..., None]
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sinks: torch.Tensor,
+                     q_pos: torch.Tensor, block_table: torch.Tensor, first_page: torch.Tensor,
+                     context_lens: torch.Tensor, window: int, compute_dtype: torch.dtype | None = None,
+                     splits: int | None = None) -> torch.Tensor:
+    """The reference `decode_attention`: one query per sequence over its pages, through the block
+    tables; fixed shapes, no host sync (CUDA graphs replay it)."""
+    from gptoss.ops import reference
+
+    head_dim = q.shape[-1]
+    if head_dim & (head_dim - 1) or head_dim < 16 or q.shape[0] == 0:
+        return reference.decode_attention(q, k_pool, v_pool, sinks, q_pos, block_table, first_page, context_lens,
+                                          window)
+    compute_dtype = compute_dtype or q.dtype
+    n, n_q = q.shape[0], q.shape[2]
+    merged = _decode(q.reshape(n, n_q, head_dim), k_pool.reshape(-1, *k_pool.shape[2:]),
+                     v_pool.reshape(-1, *v_pool.shape[2:]), sinks, q_pos.reshape(n).contiguous(), window, splits,
+                     _TRITON_DTYPES[compute_dtype], "ieee" if compute_dtype == torch.float32 else "tf32",
+                     table=block_table.contiguous(), first_page=first_page.contiguous(),
+                     context_lens=context_lens.contiguous(), block_size=k_pool.shape[1])
+    return merged.to(q.dtype).reshape(q.shape)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int,
               key_rows: torch.Tensor | None = None, seq_starts: torch.Tensor | None = None,
@@ -179,23 +249,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     out = torch.empty(n, n_q, head_dim, dtype=q.dtype, device=q.device)
     block_n = 32
     if seq_starts is None or seq_starts.numel() - 1 == n:  # one query per sequence: decode
-        splits = splits or max(1, min(16, triton.cdiv(num_keys, 512)))
-        per_split = triton.cdiv(triton.cdiv(num_keys, splits), block_n) * block_n
-        m = torch.empty(n, n_q, splits, dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
-        acc = torch.empty(n, n_q, splits, head_dim, dtype=torch.float32, device=q.device)
-        _decode_kernel[(n, n_kv, splits)](
-            q3, k, v, key_rows, k_pos, q_pos1, m, l, acc, num_keys, per_split, scale,
-            q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), key_rows.stride(0), k_pos.stride(0),
-            m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),
-            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
-            WINDOW=window, COMPUTE=compute, PRECISION=precision)
-        sink = sinks.float().reshape(1, n_q, 1)
-        top = torch.maximum(m.amax(-1, keepdim=True), sink)
-        weights = torch.exp(m - top)  # exp(-inf) = 0 for splits that saw no key
-        total = (weights * l).sum(-1) + torch.exp(sink - top)[..., 0]
-        merged = (weights[..., None] * acc).sum(2) / total[..., None]
-        out.copy_(merged)
+        out.copy_(_decode(q3, k, v, sinks, q_pos1, window, splits, compute, precision, rows=key_rows, k_pos=k_pos))
     else:
         block_m = 16 if n <= 16 * (seq_starts.numel() - 1) else 64
         tile_start, tile_end = _plan_row_tiles(seq_starts.to(torch.int64), block_m, n)

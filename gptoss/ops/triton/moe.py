@@ -134,7 +134,8 @@ def plan_tiles(expert_indices: torch.Tensor, num_experts: int, block_m: int):
     flat = expert_indices.reshape(-1)
     pairs = flat.numel()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)  # not bincount: its size syncs
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     row_end = torch.cumsum(counts, 0)
     row_start = row_end - counts
     tiles_of = (counts + block_m - 1) // block_m
