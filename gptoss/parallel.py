@@ -141,6 +141,7 @@ class _Group:
     """The process group of this process, once `init` has run; steps and heartbeats share a lock."""
 
     group = None  # the group the model's collectives use (short timeout)
+    load_group = None  # the group that waits for every rank to load (long timeout)
     lock = threading.Lock()
     rank = 0
     world_size = 1
@@ -171,19 +172,27 @@ def rank() -> int:
 
 
 def init(rank_: int, world: int, *, init_method: str = "env://", backend: str = "gloo",
-         load_timeout: float = 900.0, step_timeout: float | None = None) -> None:
-    """Join the group. Loading may take minutes (the rendezvous waits `load_timeout`); after
-    `ready()` every collective fails after `step_timeout` seconds instead of waiting forever."""
+         join_timeout: float | None = None, load_timeout: float = 900.0, step_timeout: float | None = None) -> None:
+    """Join the group: every rank does so first thing, so a rank missing after `join_timeout`
+    (GPTOSS_JOIN_TIMEOUT, 60 s) has failed to start. Loading may then take minutes (`ready()`
+    waits `load_timeout`); after it every collective fails after `step_timeout` seconds
+    (GPTOSS_STEP_TIMEOUT, 15) instead of waiting forever."""
     _Group.rank, _Group.world_size = rank_, world
     _Group.step_timeout = step_timeout or float(os.environ.get("GPTOSS_STEP_TIMEOUT", "15"))
-    dist.init_process_group(backend, init_method=init_method, rank=rank_, world_size=world,
-                            timeout=timedelta(seconds=load_timeout))
+    join_timeout = join_timeout or float(os.environ.get("GPTOSS_JOIN_TIMEOUT", "60"))
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank_, world_size=world,
+                                timeout=timedelta(seconds=join_timeout))
+    except RuntimeError as exc:  # DistStoreError and friends: a rank never came
+        raise ParallelError(f"rank {rank_}: the {world} ranks did not all join within {join_timeout:.0f} s: "
+                            f"{str(exc).splitlines()[0]}") from exc
+    _Group.load_group = dist.new_group(list(range(world)), timeout=timedelta(seconds=load_timeout))
     _Group.group = dist.group.WORLD
 
 
 def ready() -> None:
     """Every rank has loaded its shard: from now on a rank that does not answer is an error."""
-    dist.barrier()
+    _collective(dist.barrier, group=_Group.load_group)
     _Group.group = dist.new_group(list(range(_Group.world_size)), timeout=timedelta(seconds=_Group.step_timeout))
 
 

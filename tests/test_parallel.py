@@ -285,3 +285,27 @@ def test_bench_reports_each_rank(tiny, capsys):
     config = Model.from_pretrained(tiny).config
     reduces = (2 * config.num_hidden_layers + 1) * config.hidden_size * 4
     assert result["bytes_sent_per_decode_step"] >= reduces
+
+
+def test_a_worker_that_dies_at_start_is_named(tiny, monkeypatch):
+    """A worker gone before it joins: rank 0 stops waiting after GPTOSS_JOIN_TIMEOUT and says who."""
+    import time
+
+    from gptoss import LLM
+    from gptoss.engine import distributed
+    from gptoss.parallel import ParallelError
+
+    start = distributed._start_local_workers
+
+    def start_and_kill(spec):
+        workers = start(spec)
+        workers.procs[0].kill()
+        return workers
+
+    monkeypatch.setattr(distributed, "_start_local_workers", start_and_kill)
+    monkeypatch.setenv("GPTOSS_JOIN_TIMEOUT", "5")
+    began = time.monotonic()
+    with pytest.raises(ParallelError, match="could not start: rank 1 was killed by SIGKILL"):
+        LLM(tiny, tensor_parallel_size=2)
+    assert time.monotonic() - began < 30
+    assert not torch.distributed.is_initialized()

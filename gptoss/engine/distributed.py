@@ -104,19 +104,21 @@ def load_model(path, *, tensor_parallel_size: int = 1, expert_parallel: bool = F
         if launched > 0:
             sys.exit(run_worker(spec, launched))
         workers = None
-        parallel.init(0, tensor_parallel_size, backend=_backend(device))
     else:
         workers = _start_local_workers(spec)
-        parallel.init(0, tensor_parallel_size, backend=_backend(device),
-                      init_method=f"tcp://127.0.0.1:{workers.port}")
-    _pin(device, 0, tensor_parallel_size)
     try:
+        parallel.init(0, tensor_parallel_size, backend=_backend(device),
+                      init_method=f"tcp://127.0.0.1:{workers.port}" if workers else "env://")
+        _pin(device, 0, tensor_parallel_size)
         model = spec.load(0, progress)
         parallel.ready()
-    except BaseException:
+    except BaseException as exc:
+        why = workers.exited() if workers else []
         if workers:
             workers.kill()
         parallel.shutdown()
+        if why and isinstance(exc, ParallelError):
+            raise ParallelError(f"tensor parallelism could not start: {'; '.join(why)} (its message is above)") from None
         raise
     model.ranks = Ranks(workers)
     return model
