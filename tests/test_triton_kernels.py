@@ -1,8 +1,8 @@
 """The Triton kernels against their torch twins, under the Triton interpreter on CPU tensors.
 
 Triton's interpreter computes tl.dot right for fp32 and fp16 inputs (not bf16), so the compute
-dtype is a parameter and both are tested. On a GPU, scripts/gpu_check.sh runs the same kernels
-compiled (benchmarks/gpu.py).
+dtype is a parameter and both are tested. On a GPU, benchmarks/gpu.py checks the same kernels
+compiled against their twins.
 """
 
 from __future__ import annotations
