@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from gptoss.checkpoint import CheckpointError
     from gptoss.config import ConfigError
     from gptoss.hub import HubError
+    from gptoss.parallel import ParallelError
     from gptoss.tokenizer import TokenizerError
 
     args = build_parser().parse_args(argv)
@@ -347,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, CheckpointError, TokenizerError, HubError) as exc:
         print(f"gptoss {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ParallelError as exc:  # a rank failed to start or died: say which, no traceback
+        print(f"gptoss {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -309,3 +309,12 @@ def test_a_worker_that_dies_at_start_is_named(tiny, monkeypatch):
         LLM(tiny, tensor_parallel_size=2)
     assert time.monotonic() - began < 30
     assert not torch.distributed.is_initialized()
+
+
+def test_cli_names_a_launcher_mismatch_without_a_traceback(tiny, monkeypatch, capsys):
+    from gptoss.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["generate", str(tiny), "--prompt", "hi", "-tp", "2"]) == 1
+    assert "--tensor-parallel-size 2 but the launcher started WORLD_SIZE=3" in capsys.readouterr().err

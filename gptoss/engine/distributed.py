@@ -99,8 +99,8 @@ def load_model(path, *, tensor_parallel_size: int = 1, expert_parallel: bool = F
     launched = _torchrun_rank()
     if launched is not None:
         if int(os.environ["WORLD_SIZE"]) != tensor_parallel_size:
-            raise ValueError(f"--tensor-parallel-size {tensor_parallel_size} but the launcher started "
-                             f"WORLD_SIZE={os.environ['WORLD_SIZE']} processes")
+            raise ParallelError(f"--tensor-parallel-size {tensor_parallel_size} but the launcher started "
+                                f"WORLD_SIZE={os.environ['WORLD_SIZE']} processes: give the same number to both")
         if launched > 0:
             sys.exit(run_worker(spec, launched))
         workers = None
