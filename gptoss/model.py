@@ -124,11 +124,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         if cache is None:
             out = ops.attention(q, k, v, self.sinks, positions, positions, self.window)
-        elif hasattr(cache, "attend"):  # the engine's paged caches store and read their pools themselves
+        else:  # the cache stores the new keys and attends over what it holds (a ring, or the engine's pages)
             out = cache.attend(q, k, v, self.sinks, positions, self.window)
-        else:
-            keys, values, key_pos, key_rows = cache.update(k, v, positions)
-            out = ops.attention(q, keys, values, self.sinks, positions, key_pos, self.window, key_rows)
         return self.o_proj(out.reshape(b, t, self.n_q * self.head_dim))
 
 
@@ -432,6 +429,10 @@ class LayerCache:
         self._store(k, v, positions)
         used = self.capacity if self.window else self.filled
         return self.k[:, :used], self.v[:, :used], self.pos[:, :used], None
+
+    def attend(self, q, k, v, sinks, positions, window):
+        keys, values, key_pos, key_rows = self.update(k, v, positions)
+        return ops.attention(q, keys, values, sinks, positions, key_pos, window, key_rows)
 
     def _store(self, k, v, positions):
         """Write every real token (padding sits at position -1) to its slot."""

@@ -12,7 +12,7 @@ from gptoss import parallel
 from gptoss.config import ModelConfig
 from gptoss.model import Model
 from gptoss.parallel import Shard
-from serving import free_port
+from gptoss.engine.distributed import free_port
 
 SHAPES = {
     # name: (config overrides, layout); GQA groups 2, 5 and 1; 4 and 32 experts; 5 heads (prime)
@@ -231,7 +231,7 @@ def test_serve_two_ranks_answers_the_openai_client_and_fails_cleanly(tiny, tmp_p
 
     import openai
 
-    from serving import serving  # noqa: E402
+    from serving import serving
 
     monkeypatch.setenv("GPTOSS_STEP_TIMEOUT", "5")
     arguments = [str(tiny), "--tensor-parallel-size", "2", "--served-model-name", "tiny", "--kv-cache-size", "4096",

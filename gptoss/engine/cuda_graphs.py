@@ -18,6 +18,7 @@ import torch
 
 from gptoss import ops
 from gptoss.engine.batch import ForwardBatch
+from gptoss.engine.runner import store_kv
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -30,8 +31,7 @@ class GraphLayer:
         self.table, self.first_page, self.context_lens = table, first_page, context_lens
 
     def attend(self, q, k, v, sinks, positions, window):
-        self.k_pool.view(-1, *k.shape[2:])[self.slots] = k.reshape(-1, *k.shape[2:])
-        self.v_pool.view(-1, *v.shape[2:])[self.slots] = v.reshape(-1, *v.shape[2:])
+        store_kv(self.k_pool, self.v_pool, self.slots, k, v)
         return ops.decode_attention(q, self.k_pool, self.v_pool, sinks, positions, self.table, self.first_page,
                                     self.context_lens, window)
 

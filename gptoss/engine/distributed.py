@@ -169,7 +169,8 @@ def _stopped(pid: int) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for rank 0's rendezvous)."""
     import socket
 
     with socket.socket() as s:
@@ -178,7 +179,7 @@ def _free_port() -> int:
 
 
 def _start_local_workers(spec: LoadSpec) -> LocalWorkers:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(1, spec.world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(spec.world_size), MASTER_ADDR="127.0.0.1",

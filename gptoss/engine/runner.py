@@ -22,6 +22,15 @@ from gptoss.model import Model
 from gptoss.sampling import SampleOutput, Sampler
 
 
+def store_kv(k_pool, v_pool, slots, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a step's keys/values [N, 1, Hkv, D] to their pool slots; the pools as [rows, Hkv, D]."""
+    flat_k = k_pool.view(-1, *k.shape[2:])
+    flat_v = v_pool.view(-1, *v.shape[2:])
+    flat_k[slots] = k.reshape(-1, *k.shape[2:])
+    flat_v[slots] = v.reshape(-1, *v.shape[2:])
+    return flat_k, flat_v
+
+
 class PagedLayer:
     """The cache of one layer for one step: stores the step's keys/values, then attends over the
     pool in place, each row through its own sequence's pages."""
@@ -31,16 +40,8 @@ class PagedLayer:
         self.k_pool, self.v_pool, self.slots, self.seq_starts = k_pool, v_pool, slots, seq_starts
         self.key_rows, self.key_positions = key_rows, key_positions
 
-    def store(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values [N, 1, Hkv, D] to their slots; the pools as [rows, Hkv, D]."""
-        flat_k = self.k_pool.view(-1, *k.shape[2:])
-        flat_v = self.v_pool.view(-1, *v.shape[2:])
-        flat_k[self.slots] = k.reshape(-1, *k.shape[2:])
-        flat_v[self.slots] = v.reshape(-1, *v.shape[2:])
-        return flat_k, flat_v
-
     def attend(self, q, k, v, sinks, positions, window):
-        flat_k, flat_v = self.store(k, v)
+        flat_k, flat_v = store_kv(self.k_pool, self.v_pool, self.slots, k, v)
         return ops.attention(q, flat_k, flat_v, sinks, positions, self.key_positions, window, self.key_rows,
                              self.seq_starts)
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.ops.triton.moe import _TRITON_DTYPES
+from gptoss.ops.triton.moe import _TRITON_DTYPES, dot_precision
 
 
 @triton.jit
@@ -168,7 +168,13 @@ def _as_paged(q, k, v, q_pos, k_pos):
             q_pos.reshape(b * t, 1), k_pos.repeat_interleave(t, 0), rows, torch.arange(b + 1, device=q.device) * t)
 
 
-def _decode(q3, k, v, sinks, q_pos, window, splits, compute, precision, *, rows=None, k_pos=None,
+def _kernels_handle(q: torch.Tensor) -> bool:
+    """A head size the kernels tile (a power of two, at least 16) and at least one query."""
+    head_dim = q.shape[-1]
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and q.shape[0] > 0
+
+
+def _decode(q3, k, v, sinks, q_pos, window, splits, compute_dtype, *, rows=None, k_pos=None,
             table=None, first_page=None, context_lens=None, block_size=1):
     """The decode kernel over keys given by row (rows/k_pos [N, S]) or by block table ([N, P]);
     the splits' partial softmaxes merged with the sink. Returns [N, Hq, D] fp32."""
@@ -189,7 +195,8 @@ def _decode(q3, k, v, sinks, q_pos, window, splits, compute, precision, *, rows=
         q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), rows.stride(0), k_pos.stride(0), table.stride(0),
         m.stride(0), m.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=32, SPLITS=splits,
-        BLOCK_SIZE=block_size, TABLES=tables, WINDOW=window, COMPUTE=compute, PRECISION=precision)
+        BLOCK_SIZE=block_size, TABLES=tables, WINDOW=window, COMPUTE=_TRITON_DTYPES[compute_dtype],
+        PRECISION=dot_precision(compute_dtype))
     sink = sinks.float().reshape(1, n_q, 1)
     top = torch.maximum(m.amax(-1, keepdim=True), sink)
     weights = torch.exp(m - top)  # exp(-inf) = 0 for splits that saw no key
@@ -205,16 +212,13 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     tables; fixed shapes, no host sync (CUDA graphs replay it)."""
     from gptoss.ops import reference
 
-    head_dim = q.shape[-1]
-    if head_dim & (head_dim - 1) or head_dim < 16 or q.shape[0] == 0:
+    if not _kernels_handle(q):
         return reference.decode_attention(q, k_pool, v_pool, sinks, q_pos, block_table, first_page, context_lens,
                                           window)
-    compute_dtype = compute_dtype or q.dtype
-    n, n_q = q.shape[0], q.shape[2]
+    n, _, n_q, head_dim = q.shape
     merged = _decode(q.reshape(n, n_q, head_dim), k_pool.reshape(-1, *k_pool.shape[2:]),
                      v_pool.reshape(-1, *v_pool.shape[2:]), sinks, q_pos.reshape(n).contiguous(), window, splits,
-                     _TRITON_DTYPES[compute_dtype], "ieee" if compute_dtype == torch.float32 else "tf32",
-                     table=block_table.contiguous(), first_page=first_page.contiguous(),
+                     compute_dtype or q.dtype, table=block_table.contiguous(), first_page=first_page.contiguous(),
                      context_lens=context_lens.contiguous(), block_size=k_pool.shape[1])
     return merged.to(q.dtype).reshape(q.shape)
 
@@ -227,37 +231,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
     says which rows share a sequence: without it every row is its own (decode)."""
     from gptoss.ops import reference
 
-    head_dim = q.shape[-1]
-    if head_dim & (head_dim - 1) or head_dim < 16 or q.shape[0] == 0:
+    if not _kernels_handle(q):
         return reference.attention(q, k, v, sinks, q_pos, k_pos, window, key_rows)
     shape = q.shape
     if key_rows is None:
         q, k, v, q_pos, k_pos, key_rows, seq_starts = _as_paged(q, k, v, q_pos, k_pos)
     else:
         k, v = k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:])
-    n, n_q = q.shape[0], q.shape[2]
-    n_kv = k.shape[1]
-    group = n_q // n_kv
+    n, _, n_q, head_dim = q.shape
     compute_dtype = compute_dtype or q.dtype
-    compute = _TRITON_DTYPES[compute_dtype]
-    precision = "ieee" if compute_dtype == torch.float32 else "tf32"
     q3 = q.reshape(n, n_q, head_dim)
     q_pos1 = q_pos.reshape(n).contiguous()
     key_rows, k_pos = key_rows.contiguous(), k_pos.contiguous()
-    num_keys = key_rows.shape[1]
-    scale = head_dim ** -0.5
-    out = torch.empty(n, n_q, head_dim, dtype=q.dtype, device=q.device)
-    block_n = 32
     if seq_starts is None or seq_starts.numel() - 1 == n:  # one query per sequence: decode
-        out.copy_(_decode(q3, k, v, sinks, q_pos1, window, splits, compute, precision, rows=key_rows, k_pos=k_pos))
-    else:
-        block_m = 16 if n <= 16 * (seq_starts.numel() - 1) else 64
-        tile_start, tile_end = _plan_row_tiles(seq_starts.to(torch.int64), block_m, n)
-        _prefill_kernel[(tile_start.numel(), n_q)](
-            q3, k, v, key_rows, k_pos, q_pos1, sinks.float().contiguous(), out, tile_start, tile_end,
-            num_keys, scale,
-            q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), key_rows.stride(0), k_pos.stride(0),
-            out.stride(0), out.stride(1),
-            GROUP=group, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW=window, COMPUTE=compute,
-            PRECISION=precision)
+        merged = _decode(q3, k, v, sinks, q_pos1, window, splits, compute_dtype, rows=key_rows, k_pos=k_pos)
+        return merged.to(q.dtype).reshape(shape)
+    out = torch.empty(n, n_q, head_dim, dtype=q.dtype, device=q.device)
+    block_m = 16 if n <= 16 * (seq_starts.numel() - 1) else 64
+    tile_start, tile_end = _plan_row_tiles(seq_starts.to(torch.int64), block_m, n)
+    _prefill_kernel[(tile_start.numel(), n_q)](
+        q3, k, v, key_rows, k_pos, q_pos1, sinks.float().contiguous(), out, tile_start, tile_end,
+        key_rows.shape[1], head_dim ** -0.5,
+        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), key_rows.stride(0), k_pos.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=n_q // k.shape[1], D=head_dim, BLOCK_M=block_m, BLOCK_N=32, WINDOW=window,
+        COMPUTE=_TRITON_DTYPES[compute_dtype], PRECISION=dot_precision(compute_dtype))
     return out.reshape(shape)

@@ -155,6 +155,11 @@ def plan_tiles(expert_indices: torch.Tensor, num_experts: int, block_m: int):
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def dot_precision(compute_dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 stays fp32 ("ieee", not tf32); half types ignore it."""
+    return "ieee" if compute_dtype == torch.float32 else "tf32"
+
+
 def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor,
                 experts: ExpertWeights, compute_dtype: torch.dtype | None = None,
                 block_m: int | None = None) -> torch.Tensor:
@@ -181,7 +186,7 @@ def moe_experts(x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: t
     gub, gus, gubias = experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias.float().contiguous()
     db, ds, dbias = experts.down_blocks, experts.down_scales, experts.down_bias.float().contiguous()
     compute = _TRITON_DTYPES[compute_dtype]
-    precision = "ieee" if compute_dtype == torch.float32 else "tf32"  # fp32 stays fp32 (no tf32)
+    precision = dot_precision(compute_dtype)
     num_tiles = tile_expert.numel()
     block_n, block_k = 32, 64
     _gate_up_swiglu_kernel[(num_tiles, triton.cdiv(inter, block_n))](
