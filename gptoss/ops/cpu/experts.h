@@ -13,7 +13,7 @@
 
 static constexpr int64_t kFusedMaxTokens = 4;  // more tokens than this on an expert: dequantized tiles
 static constexpr int64_t kTileRows = 32;       // rows per tile: 32 x 2880 fp32 = 368 KB
-static constexpr int64_t kFusedRows = 64;      // rows per unit on the packed path
+static constexpr int64_t kFusedRows = 64;      // fewest rows per unit on the packed path
 static constexpr int64_t kTokenChunk = 512;    // tokens per pass (bounds the intermediate buffers)
 
 struct ExpertGroup {
@@ -69,9 +69,16 @@ template <class Body>
 static void for_each_projection_unit(const std::vector<ExpertGroup>& groups, const uint8_t* blocks,
                                      const uint8_t* scales, int64_t rows, int64_t nblk, float* y, int64_t ldy,
                                      const Body& body) {
+  // The packed path streams from memory: each worker gets a few long runs of rows (about two
+  // per thread over all experts, equal within an expert) rather than many 64-row pieces, since
+  // every new run starts its stream cold (measured: 19 -> 23 GB/s at decode on the 20b's shapes).
   std::vector<ProjectionUnit> units;
+  int64_t fused_rows = 0;
+  for (const auto& g : groups) fused_rows += g.fused ? rows : 0;
+  const int64_t piece = std::max<int64_t>(kFusedRows, (fused_rows + 2 * g_threads - 1) / (2 * g_threads));
+  const int64_t parts = (rows + piece - 1) / piece, fused_step = ((rows + parts - 1) / parts + 3) / 4 * 4;
   for (int64_t g = 0; g < static_cast<int64_t>(groups.size()); ++g) {
-    const int64_t step = groups[g].fused ? kFusedRows : kTileRows;
+    const int64_t step = groups[g].fused ? fused_step : kTileRows;
     for (int64_t r = 0; r < rows; r += step) units.push_back({g, r, std::min(rows, r + step)});
   }
   parallel_units(static_cast<int64_t>(units.size()), [&](int64_t ui, std::vector<float>& scratch) {

@@ -145,7 +145,7 @@ T_VNNI static void q8_gemv_rows(const Q8Args& a, int64_t m, int64_t n0, int64_t 
         for (int j = 0; j < MB; ++j) ia[j][c] = _mm512_setzero_si512();
         if (nbc == 0) continue;
         const uint8_t* p = wrow + (16 * g + 4 * c) * 16;
-        _mm_prefetch((const char*)p + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch((const char*)p + kPrefetchBytes, kMxPrefetchHint);
         const __m512i v = nbc == 4 ? _mm512_loadu_si512(p)
                                    : _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (4 * nbc)) - 1), p);
         const __m512i lo = _mm512_permutexvar_epi8(v, lut);
@@ -374,7 +374,7 @@ T_AVX2 static INLINE void q8_gemv_rows_avx2_impl(const Q8Args& a, int64_t m, int
               std::memcpy(wpad, p, nbc * 16);
               p = wpad;
             }
-            _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, kMxPrefetchHint);
             for (int h = 0; h < 2; ++h) {
               const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
               const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, low4));
