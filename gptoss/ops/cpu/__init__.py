@@ -36,7 +36,7 @@ from gptoss.ops.reference import ExpertWeights
 log = logging.getLogger("gptoss")
 
 HERE = Path(__file__).resolve().parent
-ABI_VERSION = 1
+ABI_VERSION = 2
 ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # the library's Isa enum, in order
 INT8_MODES = ("never", "bf16", "always")
 LIBRARY_NAME = "_kernels.so"  # what setup.py installs beside this file
@@ -75,7 +75,7 @@ def _open(path: Path) -> ctypes.CDLL:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i, i64, f = c_void_p, c_int, c_int64, c_float
     signatures = {
-        "gptoss_linear": [p, p, i, p, i64, i64, i64, p, i],
+        "gptoss_linear": [p, p, i, p, i, i64, i64, i64, p, i, i],
         "gptoss_linear_int8": [p, i, p, p, i64, i64, i64, p, i],
         "gptoss_quantize_rows_int8": [p, i, i64, i64, p, p, i],
         "gptoss_rms_norm": [p, i, p, i, p, i64, i64, f, i],
@@ -274,14 +274,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     if m > 8 and x.dtype == torch.float32:  # many rows of fp32 weights: torch's BLAS is faster here
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
         return out.view(*x.shape[:-1], n)
     w = weight.contiguous()
-    b = bias.float().contiguous() if bias is not None else None
-    out = torch.empty(m, n, dtype=torch.float32)
+    b = None if bias is None else bias.contiguous() if bias.dtype in _FLOAT_TYPES else bias.float().contiguous()
+    out = torch.empty(m, n, dtype=x.dtype)  # summed in fp32, rounded once by the kernel
     lib.gptoss_linear(x2.data_ptr(), w.data_ptr(), int(x.dtype == torch.bfloat16),
-                      b.data_ptr() if b is not None else None, m, n, k, out.data_ptr(), _threads())
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+                      b.data_ptr() if b is not None else None, int(b is not None and b.dtype == torch.bfloat16),
+                      m, n, k, out.data_ptr(), int(x.dtype == torch.bfloat16), _threads())
+    return out.view(*x.shape[:-1], n)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

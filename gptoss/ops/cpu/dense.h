@@ -293,15 +293,24 @@ static void dense_rows_widened(const DenseKernel& k, const DenseArgs& a, int64_t
   }
 }
 
-// out [M, N] fp32 = x [M, K] W[N, K]^T + bias; x and W share a dtype (bf16 or fp32). Many rows of
-// fp32 weights go to torch's BLAS instead (the caller's business): this serves the rest.
-static void linear_impl(const void* x, const void* w, bool bf16, const float* bp, int64_t M, int64_t N, int64_t K,
-                        float* op) {
+// out [M, N] = x [M, K] W[N, K]^T + bias, summed in fp32; x and W share a dtype (bf16 or fp32),
+// the bias is bf16 or fp32, and out is fp32 or bf16 (rounded here, a unit at a time, so a decode
+// step does not pay a separate conversion pass per product). Many rows of fp32 weights go to
+// torch's BLAS instead (the caller's business): this serves the rest.
+static void linear_impl(const void* x, const void* w, bool bf16, const void* bias, bool bias_bf16, int64_t M,
+                        int64_t N, int64_t K, void* out, bool out_bf16) {
   const Isa isa = g_isa;
+  std::unique_ptr<float[]> sums(out_bf16 ? new float[M * N] : nullptr);
+  float* op = out_bf16 ? sums.get() : static_cast<float*>(out);
   auto add_bias = [&](int64_t n0, int64_t n1) {
-    if (bp)
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) op[m * N + n] += bp[n];
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = op + m * N;
+      if (bias_bf16)
+        for (int64_t n = n0; n < n1; ++n) row[n] += bf16_to_f32(static_cast<const bf16_t*>(bias)[n]);
+      else if (bias)
+        for (int64_t n = n0; n < n1; ++n) row[n] += static_cast<const float*>(bias)[n];
+      if (out_bf16) f32_to_bf16_row(isa, row + n0, static_cast<bf16_t*>(out) + m * N + n0, n1 - n0);
+    }
   };
   if (M > kGemvMaxRows && isa >= Isa::Avx512) {
     // GEMM: x packed once, bf16 weights widened to fp32 a tile of rows at a time.

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -76,7 +77,7 @@ extern "C" {
 #define GPTOSS_SOURCE_HASH "unknown"
 #endif
 
-int gptoss_abi_version() { return 1; }
+int gptoss_abi_version() { return 2; }
 const char* gptoss_source_hash() { return GPTOSS_SOURCE_HASH; }
 const char* gptoss_last_error() { return g_error.c_str(); }
 
@@ -95,10 +96,10 @@ void gptoss_use_avx_vnni(int on) { g_use_avx_vnni = on && g_has_avx_vnni; }
 int gptoss_get_int8_activations() { return static_cast<int>(g_int8_act); }
 void gptoss_set_int8_activations(int mode) { g_int8_act = static_cast<Int8Activations>(mode); }
 
-void gptoss_linear(const void* x, const void* w, int bf16, const float* bias, int64_t M, int64_t N, int64_t K,
-                   float* out, int threads) {
+void gptoss_linear(const void* x, const void* w, int bf16, const void* bias, int bias_bf16, int64_t M, int64_t N,
+                   int64_t K, void* out, int out_bf16, int threads) {
   g_threads = threads;
-  linear_impl(x, w, bf16 != 0, bias, M, N, K, out);
+  linear_impl(x, w, bf16 != 0, bias, bias_bf16 != 0 && bias, M, N, K, out, out_bf16 != 0);
 }
 
 void gptoss_linear_int8(const void* x, int x_bf16, const uint8_t* w, const float* scale, int64_t M, int64_t N,

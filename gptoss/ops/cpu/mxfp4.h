@@ -279,25 +279,6 @@ static void decode_rows(Isa isa, const uint8_t* blocks, const uint8_t* scales, i
   }
 }
 
-T_AVX512 static void f32_to_bf16_avx512(const float* src, bf16_t* dst, int64_t n) {
-  int64_t i = 0;
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 f = _mm512_loadu_ps(src + i);
-    __m512i u = _mm512_castps_si512(f);
-    u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-    u = _mm512_srli_epi32(u, 16);
-    u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtepi32_epi16(u));
-  }
-  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
-}
-
-static void f32_to_bf16_row(Isa isa, const float* src, bf16_t* dst, int64_t n) {
-  if (isa >= Isa::Avx512) return f32_to_bf16_avx512(src, dst, n);
-  for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Clamped SwiGLU on one row of interleaved gate/up pre-activations h[2I] (bias included):
 // a[i] = (clamp(up, -l, l) + 1) * g * sigmoid(1.702 g), g = min(gate, l).
