@@ -8,6 +8,8 @@ bandwidth drifts by 20% within minutes; runs minutes apart cannot be compared). 
 the weights read cold (each layer's tensors are far apart; the experts change every round):
 the 24 layers' MXFP4 experts of one token, every attention projection of one token, and whole
 decode steps through the engine. Prints the median and best GB/s (tokens/s for the steps).
+The revision must have this tree's C interface (ABI_VERSION in gptoss/ops/cpu); across an
+interface change, alternate `gptoss bench` runs of the two checkouts instead.
 """
 
 from __future__ import annotations
