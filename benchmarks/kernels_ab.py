@@ -76,10 +76,9 @@ def main() -> None:
                      for t in (e0.gate_up_blocks, e0.gate_up_scales, e0.down_blocks, e0.down_scales))
     k = config.experts_per_token
     weights = torch.full((1, k), 1.0 / k)
-    projections = [(getattr(b.attn, n).weight, b.attn.o_proj.weight.shape[1] if n == "o_proj" else config.hidden_size)
-                   for b in model.blocks for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    projection_bytes = sum(w.numel() * w.element_size() for w, _ in projections)
-    inputs = {width: torch.randn(1, width).to(torch.bfloat16) for _, width in projections}
+    projections = [getattr(b.attn, n).weight for b in model.blocks for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    projection_bytes = sum(w.numel() * w.element_size() for w in projections)
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1]).to(torch.bfloat16) for w in projections}
 
     engines = {}
     with torch.inference_mode():
@@ -105,8 +104,8 @@ def main() -> None:
                     ops.moe_experts(x, idx, weights, ew)
                 results[name]["experts"].append(len(experts) * k * per_expert / (time.perf_counter() - start) / 1e9)
                 start = time.perf_counter()
-                for w, width in projections:
-                    ops.linear(inputs[width], w)
+                for w in projections:
+                    ops.linear(inputs[w.shape[1]], w)
                 results[name]["projections"].append(projection_bytes / (time.perf_counter() - start) / 1e9)
                 start = time.perf_counter()
                 for _ in range(args.steps):

@@ -302,7 +302,7 @@ static void linear_impl(const void* x, const void* w, bool bf16, const void* bia
   const Isa isa = g_isa;
   std::unique_ptr<float[]> sums(out_bf16 ? new float[M * N] : nullptr);
   float* op = out_bf16 ? sums.get() : static_cast<float*>(out);
-  auto add_bias = [&](int64_t n0, int64_t n1) {
+  auto finish_columns = [&](int64_t n0, int64_t n1) {  // bias, then bf16 rounding
     for (int64_t m = 0; m < M; ++m) {
       float* row = op + m * N;
       if (bias_bf16)
@@ -326,7 +326,7 @@ static void linear_impl(const void* x, const void* w, bool bf16, const void* bia
       widen_bf16_avx512(static_cast<const bf16_t*>(w) + n0 * K, tile.data(), nr * K);
       std::fill(tile.begin() + nr * K, tile.end(), 0.f);
       gemm_tile(tile.data(), nr, xt.data(), M, K, op + n0, N);
-      add_bias(n0, n0 + nr);
+      finish_columns(n0, n0 + nr);
     });
     return;
   }
@@ -351,6 +351,6 @@ static void linear_impl(const void* x, const void* w, bool bf16, const void* bia
       dense_rows_widened(kern, a, n0, n1, buf);
     else
       dense_rows(kern, a, n0, n1);
-    add_bias(n0, n1);
+    finish_columns(n0, n1);
   });
 }

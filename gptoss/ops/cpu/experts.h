@@ -71,7 +71,7 @@ static void for_each_projection_unit(const std::vector<ExpertGroup>& groups, con
                                      const Body& body) {
   // The packed path streams from memory: each worker gets a few long runs of rows (about two
   // per thread over all experts, equal within an expert) rather than many 64-row pieces, since
-  // every new run starts its stream cold (measured: 19 -> 23 GB/s at decode on the 20b's shapes).
+  // every new run starts its stream cold (20 -> 23 GB/s at decode on the 20b's shapes, benchmarks/kernels_ab.py).
   std::vector<ProjectionUnit> units;
   int64_t fused_rows = 0;
   for (const auto& g : groups) fused_rows += g.fused ? rows : 0;

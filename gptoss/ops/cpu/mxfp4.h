@@ -19,9 +19,10 @@ enum class MxKind { Scalar, Avx2, Avx512 };
 // at 4 KB pages; without this a core reaches half of its bandwidth. The packed expert rows are
 // prefetched into L2 only (kMxPrefetchHint): a T0 prefetch holds one of the few L1 fill buffers
 // until its line arrives, which caps the misses in flight; T1 streamed the experts 8-10% faster
-// here (benchmarks/cpu_kernels.py), while the bf16 GEMV measured the same either way.
+// here on the int8-activation path (benchmarks/kernels_ab.py), while the bf16 GEMV measured the
+// same either way.
 static constexpr int64_t kPrefetchBytes = 6144;
-#define kMxPrefetchHint _MM_HINT_T1
+#define kMxPrefetchHint _MM_HINT_T1  // a macro: _mm_prefetch takes a literal hint
 
 struct MxArgs {
   const uint8_t* blocks;  // [rows, nblk, 16]
