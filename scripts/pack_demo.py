@@ -1,6 +1,6 @@
 """Store a trained demo model folder as the archive that ships in the package.
 
-    python -m gptoss.demo.train ./demo-run          # ~80 minutes on a 2-core CPU
+    python -m gptoss.demo.train ./demo-run          # ~2 hours on a 2-core CPU
     python scripts/pack_demo.py ./demo-run/mxfp4    # -> gptoss/demo/gpt-oss-demo.tar.xz
 """
 

@@ -37,7 +37,7 @@ from gptoss.demo.data import ConversationGenerator, Example, drill_example
 # YaRN RoPE (theta 150000, factor 32 from 4096), GQA, top-k routing, clamped SwiGLU experts, the
 # real o200k_harmony vocabulary.
 DEMO_CONFIG = ModelConfig(num_hidden_layers=4, num_experts=4, experts_per_token=2, hidden_size=128,
-                          intermediate_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
                           sliding_window=128, expert_format="float")
 POOL = 8  # batches drawn together and sorted by length, so padding stays small
 # A quarter of the sequences are digit drills (data.drill_example), from the first step: without
