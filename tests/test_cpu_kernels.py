@@ -362,8 +362,8 @@ def assert_int8_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     """
     scale = ref.abs().max().item()
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-3 * scale)
-    exact_rows = ((out - ref).abs().amax(-1) <= 1e-5 * scale).float().mean().item()
-    assert exact_rows >= 0.9, exact_rows
+    moved_rows = int(((out - ref).abs().amax(-1) > 1e-5 * scale).sum())  # one allowed among a handful
+    assert moved_rows <= max(1, out.shape[0] // 10), f"{moved_rows} of {out.shape[0]} rows moved"
 
 
 def test_moe_int8_is_the_same_alone_and_in_a_batch(int8_always):

@@ -1,7 +1,9 @@
 """gptoss logits against Hugging Face transformers' GptOssForCausalLM on random checkpoints."""
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +30,11 @@ TOL = 1e-4
 
 def _hf_model(path):
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model = transformers.GptOssForCausalLM.from_pretrained(path, attn_implementation="eager")
+    # Dequantize MXFP4 explicitly: with the `kernels` package installed, transformers >= 5.25 would
+    # otherwise fetch Hub kernels (and refuse them as untrusted) even on CPU.
+    mxfp4 = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if mxfp4 else {}
+    model = transformers.GptOssForCausalLM.from_pretrained(path, attn_implementation="eager", **extra)
     return model.float().eval()  # transformers dequantizes MXFP4 to bf16: exact, then fp32
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,11 @@ TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_config.j
 
 def _hf_model(path):
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model = transformers.GptOssForCausalLM.from_pretrained(path, attn_implementation="eager")
+    # Dequantize MXFP4 explicitly: with the `kernels` package installed, transformers >= 5.25 would
+    # otherwise fetch Hub kernels (and refuse them as untrusted) even on CPU.
+    mxfp4 = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if mxfp4 else {}
+    model = transformers.GptOssForCausalLM.from_pretrained(path, attn_implementation="eager", **extra)
     return model.float().eval()  # MXFP4 is dequantized to bf16 (exact); compare in fp32
 
 
