@@ -1,9 +1,6 @@
 """gptoss logits against Hugging Face transformers' GptOssForCausalLM on random checkpoints."""
 
 import dataclasses
-import json
-import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +8,8 @@ import torch
 from gptoss import Model, ModelConfig
 from gptoss.synth import write_random_checkpoint
 
-transformers = pytest.importorskip("transformers")  # a test dependency: installed by .ci/run
+pytest.importorskip("transformers")  # a test dependency: installed by .ci/run
+from hf_reference import hf_model  # noqa: E402
 
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, head_dim=16, initial_context_length=4096)
 CONFIGS = {
@@ -28,16 +26,6 @@ CONFIGS = {
 TOL = 1e-4
 
 
-def _hf_model(path):
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    # Dequantize MXFP4 explicitly: with the `kernels` package installed, transformers >= 5.25 would
-    # otherwise fetch Hub kernels (and refuse them as untrusted) even on CPU.
-    mxfp4 = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
-    extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if mxfp4 else {}
-    model = transformers.GptOssForCausalLM.from_pretrained(path, attn_implementation="eager", **extra)
-    return model.float().eval()  # transformers dequantizes MXFP4 to bf16: exact, then fp32
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tmp_path_factory):
     config = ModelConfig(**BASE, **CONFIGS[request.param])
@@ -45,7 +33,7 @@ def case(request, tmp_path_factory):
     write_random_checkpoint(folder / "hf", config, seed=7)
     write_random_checkpoint(folder / "original", config, seed=7, layout="original")
     ours = Model.from_pretrained(folder / "hf", dtype=torch.float32)
-    return config, folder, ours, _hf_model(folder / "hf")
+    return config, folder, ours, hf_model(folder / "hf")
 
 
 @pytest.mark.parametrize("start", [0, 4000])  # 4000 + 200 crosses the original context of 4096 (YaRN)
@@ -136,7 +124,7 @@ def test_real_shapes_layer_matches_transformers(tmp_path):
     config = dataclasses.replace(ModelConfig.preset("20b"), num_hidden_layers=1, layer_types=(), vocab_size=256)
     write_random_checkpoint(tmp_path / "m", config, seed=3)
     ours = Model.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    hf = _hf_model(tmp_path / "m")
+    hf = hf_model(tmp_path / "m")
     ids = torch.randint(0, config.vocab_size, (1, 12))
     with torch.no_grad():
         err = (ours(ids) - hf(ids).logits).abs().max().item()

@@ -7,10 +7,8 @@ A float checkpoint stores the experts as Hugging Face's dequantized layout (`gat
 
 import dataclasses
 import json
-import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from gptoss.quantize import COPIED_FILES, quantize_checkpoint
 from gptoss.synth import write_random_checkpoint
 
 transformers = pytest.importorskip("transformers")  # a test dependency: installed by .ci/run
+from hf_reference import hf_model  # noqa: E402
 
 # As tests/test_model_vs_transformers.py: GQA ratio 2, 4 experts, top-2, a short window.
 BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, head_dim=16, initial_context_length=4096)
@@ -32,16 +31,6 @@ CONFIG = ModelConfig(**BASE, num_hidden_layers=2, num_experts=4, experts_per_tok
 TOL = 1e-4
 TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}\n', "tokenizer_config.json": '{"model_max_length": 131072}\n',
                    "special_tokens_map.json": "{}\n", "chat_template.jinja": "{{ messages }}\n"}
-
-
-def _hf_model(path):
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    # Dequantize MXFP4 explicitly: with the `kernels` package installed, transformers >= 5.25 would
-    # otherwise fetch Hub kernels (and refuse them as untrusted) even on CPU.
-    mxfp4 = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
-    extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if mxfp4 else {}
-    model = transformers.GptOssForCausalLM.from_pretrained(path, attn_implementation="eager", **extra)
-    return model.float().eval()  # MXFP4 is dequantized to bf16 (exact); compare in fp32
 
 
 def _to_float32(folder):
@@ -79,7 +68,7 @@ def _ids():
 
 def _compare_with_transformers(folder, label):
     ours = Model.from_pretrained(folder, dtype=torch.float32)
-    hf = _hf_model(folder)
+    hf = hf_model(folder)
     ids = _ids()
     with torch.no_grad():
         got, expected = ours(ids), hf(ids).logits
