@@ -76,14 +76,86 @@ def test_evaluation_cases_are_held_out(encodings):
         assert heldout_problem(case.expected["a"], case.expected["b"], "+" if case.kind == "add" else "-")
 
 
-# -- the training script (a few steps; the real run is ~80 minutes) --------------------------------
+# -- the training script (a few steps; the real run is ~100 minutes) -------------------------------
+
+@pytest.fixture(scope="module")
+def small_run(encodings):
+    from pathlib import Path
+
+    from gptoss.demo import train
+
+    generator = ConversationGenerator(*encodings, "train")
+    config = train.TrainConfig(out=Path("unused"), batch_size=4)
+    vocab = train.CompactVocab(train.used_token_ids(generator, config.seed, 200), train.DEMO_CONFIG.vocab_size)
+    return train, generator, config, vocab
+
+
+def test_batches_render_each_pool_once_and_depend_only_on_the_step(small_run):
+    import torch
+
+    train, generator, config, vocab = small_run
+    in_order = train.Batches(generator, config, vocab)
+    steps = [0, 1, train.POOL - 1, train.POOL, 3 * train.POOL + 2]
+    first = {step: in_order[step] for step in steps}
+    for step in reversed(steps):  # a fresh source, another order (as after a resume): the same batches
+        again = train.Batches(generator, config, vocab)[step]
+        assert all(torch.equal(a, b) for a, b in zip(first[step], again)), step
+    assert first[0][0].shape != first[1][0].shape or not torch.equal(first[0][0], first[1][0])  # steps differ
+
+
+def test_the_compiled_training_step_matches_the_plain_one(small_run):
+    import torch
+
+    from gptoss import ops
+
+    train, generator, config, vocab = small_run
+    ops.use("reference")
+    try:
+        inputs, targets, mask = train.Batches(generator, config, vocab)[5]
+        results = []
+        for step_loss in (train.loss_fn, train.compiled_loss(config)):
+            model = train.new_model(vocab, seed=3)
+            loss, right = step_loss(model, vocab, inputs, targets, mask)
+            loss.backward()
+            results.append((loss.detach(), right, {n: p.grad for n, p in model.named_parameters()}))
+    finally:
+        ops.use(None)
+    (plain, plain_right, plain_grads), (compiled, compiled_right, compiled_grads) = results
+    torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-6)
+    assert torch.equal(compiled_right, plain_right)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_failed_compile_trains_on_uncompiled_with_one_line(small_run, monkeypatch, capsys):
+    import torch
+
+    train, generator, config, vocab = small_run
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    step_loss = train.compiled_loss(config)
+    inputs, targets, mask = train.Batches(generator, config, vocab)[0]
+    model = train.new_model(vocab, seed=3)
+    loss, _ = step_loss(model, vocab, inputs, targets, mask)
+    torch.testing.assert_close(loss, train.loss_fn(model, vocab, inputs, targets, mask)[0])
+    step_loss(model, vocab, inputs, targets, mask)
+    printed = capsys.readouterr().out
+    assert printed.count("torch.compile failed") == 1 and "No working C++ compiler" in printed
+    assert "--no-compile" in printed
+
+
 
 def test_training_runs_checkpoints_resumes_and_exports(tmp_path):
     from gptoss import Model
 
     out = tmp_path / "run"
     common = [sys.executable, "-m", "gptoss.demo.train", str(out), "--batch-size", "4", "--vocab-examples", "200",
-              "--log-every", "1", "--probe-every", "1000", "--no-eval", "--threads", "1"]
+              "--log-every", "1", "--probe-every", "1000", "--no-eval", "--threads", "1", "--no-compile"]
     first = subprocess.run(common + ["--steps", "2"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
     assert "step     2" in first.stdout and (out / "train_state.pt").exists()

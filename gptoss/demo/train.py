@@ -63,6 +63,7 @@ class TrainConfig:
     probe_every: int = 300
     vocab_examples: int = 40_000
     evaluate: bool = True
+    compile: bool = True
     export_only: bool = False
 
 
@@ -101,10 +102,8 @@ class CompactVocab:
 
 # -- batches -------------------------------------------------------------------------------------
 
-def batch_for_step(generator: ConversationGenerator, config: TrainConfig, step: int,
-                   vocab: CompactVocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs [B, T], targets [B, T], loss mask [B, T]) of compact rows, deterministic in (seed, step)."""
-    pool_index, slot = divmod(step, POOL)
+def draw_pool(generator: ConversationGenerator, config: TrainConfig, pool_index: int) -> list[list[Example]]:
+    """The POOL batches of steps pool_index * POOL ..., of similar lengths each, in shuffled order."""
     rng = random.Random(f"{config.seed}-pool-{pool_index}")
     drills = pool_index * POOL >= DRILL_FROM_STEP
 
@@ -116,7 +115,22 @@ def batch_for_step(generator: ConversationGenerator, config: TrainConfig, step: 
     pool = sorted((draw() for _ in range(POOL * config.batch_size)), key=lambda e: len(e.tokens))
     batches = [pool[i * config.batch_size:(i + 1) * config.batch_size] for i in range(POOL)]
     rng.shuffle(batches)
-    return collate(batches[slot], vocab)
+    return batches
+
+
+class Batches:
+    """(inputs [B, T], targets [B, T], loss mask [B, T]) of compact rows for each step, deterministic
+    in (seed, step). A pool is rendered once for its POOL steps: rendering is a quarter of a step."""
+
+    def __init__(self, generator: ConversationGenerator, config: TrainConfig, vocab: CompactVocab):
+        self.generator, self.config, self.vocab = generator, config, vocab
+        self._pool_index, self._pool = -1, []
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pool_index, slot = divmod(step, POOL)
+        if pool_index != self._pool_index:
+            self._pool_index, self._pool = pool_index, draw_pool(self.generator, self.config, pool_index)
+        return collate(self._pool[slot], self.vocab)
 
 
 def collate(examples: list[Example], vocab: CompactVocab):
@@ -171,6 +185,28 @@ def loss_fn(model, vocab: CompactVocab, inputs, targets, mask) -> tuple[torch.Te
     logits = logits + offset
     wanted = targets[mask]
     return torch.nn.functional.cross_entropy(logits, wanted), logits.argmax(-1) == wanted
+
+
+def compiled_loss(config: TrainConfig):
+    """`loss_fn` through torch.compile: fusing the reference ops' elementwise work makes a step
+    1.3x faster on a 2-core CPU, for about a minute of compiling at the start. Where compiling
+    fails (no C++ compiler), training goes on uncompiled after one line saying so."""
+    if not config.compile:
+        return loss_fn
+    compiled = torch.compile(loss_fn, dynamic=True)
+
+    def run(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except Exception as error:  # torch._dynamo wraps compiler failures in several types
+            if compiled is loss_fn:
+                raise
+            print(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                  f"training uncompiled (about 1.3x slower; --no-compile skips the attempt)", flush=True)
+            compiled = loss_fn
+            return loss_fn(*args)
+    return run
 
 
 EMBEDDING_LR_SCALE = 3.0  # a number token's row is updated only when it occurs: let it move faster
@@ -286,14 +322,16 @@ def train(config: TrainConfig) -> Path:
     print(f"model: {counts['total'] / 1e6:.2f} M parameters in training ({counts['active'] / 1e6:.2f} M active); "
           f"{config.steps} steps of {config.batch_size} conversations", flush=True)
 
+    batches = Batches(generator, config, vocab)
+    step_loss = compiled_loss(config)
     model.train()
     started, last_save = time.perf_counter() - elapsed, time.perf_counter()
     window_loss, window_tokens, window_right = 0.0, 0, 0
     while step < config.steps:
-        inputs, targets, mask = batch_for_step(generator, config, step, vocab)
+        inputs, targets, mask = batches[step]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step) * group["lr_scale"]
-        loss, right = loss_fn(model, vocab, inputs, targets, mask)
+        loss, right = step_loss(model, vocab, inputs, targets, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         model.embedding.weight.grad[0].zero_()
@@ -359,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="run the training step uncompiled (no torch.compile start-up minute, 1.3x slower steps)")
     parser.add_argument("--export-only", action="store_true",
                         help="write the float and MXFP4 folders from the last checkpoint, without training")
     args = parser.parse_args(argv)
