@@ -76,7 +76,7 @@ def test_evaluation_cases_are_held_out(encodings):
         assert heldout_problem(case.expected["a"], case.expected["b"], "+" if case.kind == "add" else "-")
 
 
-# -- the training script (a few steps; the real run is ~100 minutes) -------------------------------
+# -- the training script (a few steps; the real run is ~105 minutes) -------------------------------
 
 @pytest.fixture(scope="module")
 def small_run(encodings):
@@ -186,7 +186,7 @@ def test_the_demo_model_ships_and_unpacks_once(tmp_path, monkeypatch):
 
 ISSUE_BAR = {"arithmetic": 0.95, "arithmetic_t1": 0.90, "second_turn": 0.95, "tool_call": 0.95, "tool_answer": 0.95,
              "other": 0.95, "well_formed": 1.0}
-SHIPPED = {"arithmetic": 0.96, "arithmetic_t1": 0.905, "second_turn": 0.98, "tool_call": 0.94, "tool_answer": 0.99,
+SHIPPED = {"arithmetic": 0.955, "arithmetic_t1": 0.98, "second_turn": 0.98, "tool_call": 0.92, "tool_answer": 0.99,
            "other": 1.0, "well_formed": 1.0}
 
 

@@ -51,7 +51,7 @@ DRILL_SHARE = 0.25
 class TrainConfig:
     out: Path
     seed: int = 1234
-    steps: int = 3800
+    steps: int = 4400
     batch_size: int = 32
     lr: float = 3e-3
     min_lr: float = 3e-4
