@@ -151,7 +151,9 @@ def test_mxfp4_decode_all_bytes_and_extreme_scales(isa, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 37, 64), (2, 5, 100), (3, 67, 48), (4, 33, 2880),
-                                   (5, 19, 96), (37, 41, 160), (1, 257, 16)])
+                                   (5, 19, 96), (37, 41, 160), (1, 257, 16),
+                                   # one row streams each weight row: whole chunks and every kind of tail
+                                   (1, 9, 2880), (1, 5, 200), (1, 3, 131), (1, 6, 256)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(isa, dtype, m, n, k, bias):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
@@ -213,7 +215,7 @@ def test_quantize_rows_int8_is_the_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 9, 40])
-@pytest.mark.parametrize("n,k", [(37, 32), (64, 96), (33, 2880)])
+@pytest.mark.parametrize("n,k", [(37, 32), (64, 96), (33, 2880), (5, 160), (6, 224)])
 def test_linear_int8(isa, dtype, m, n, k):
     g = torch.Generator().manual_seed(m + n + k)
     q, scale = reference.quantize_rows_int8(torch.randn(n, k, generator=g))

@@ -156,6 +156,8 @@ T_VNNI static void q8_gemv_rows(const Q8Args& a, int64_t m, int64_t n0, int64_t 
           ia[j][c] = _mm512_dpbusd_epi32(ia[j][c], hi, _mm512_loadu_si512(qc + 64));
         }
       }
+      // the scales are a second stream (1/16 of the bytes), prefetched as many rows ahead (+3% here)
+      _mm_prefetch((const char*)(srow + 16 * g) + kPrefetchBytes / 16, kMxPrefetchHint);
       const __m512 sc = e8m0x16(srow + 16 * g, nb);
       for (int j = 0; j < MB; ++j) {
         const float* dh = reinterpret_cast<const float*>(xq[j] + G * 512) + 16 * g;
@@ -554,9 +556,36 @@ struct I8Kernel {
   I8Fn fn[4][4];
 };
 
+// One token: each weight row is read start to end as one stream, as dense.h's GEMV does
+// (--dense-int8 decode 9.2 -> 11.2 tokens/s on the 20b, 2 threads, against four rows side by side).
+T_VNNI static INLINE __m512 i8_chunk(const uint8_t* w, const uint8_t* xr, int64_t K, int64_t Kp, int64_t k, __m512 acc) {
+  const __mmask16 mk = k + 64 <= K ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>(0x00FF);
+  prefetch_stream(w + k, 64);
+  const __m512i sums = _mm512_dpbusd_epi32(_mm512_loadu_si512(xr + 2 * Kp + k), _mm512_maskz_loadu_epi32(mk, w + k),
+                                           _mm512_loadu_si512(xr + k));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_loadu_ps(reinterpret_cast<const float*>(xr + Kp) + k / 4),
+                         acc);
+}
+
+T_VNNI static float i8_dot_stream(const uint8_t* w, const uint8_t* xr, int64_t K, int64_t Kp) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
+    s0 = i8_chunk(w, xr, K, Kp, k, s0);
+    s1 = i8_chunk(w, xr, K, Kp, k + 64, s1);
+  }
+  for (; k < K; k += 64) s0 = i8_chunk(w, xr, K, Kp, k, s0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
 template <int RB, int MB>
 T_VNNI static void i8_mk_vnni(const I8Args& a, int64_t n, int64_t m) {
   const int64_t K = a.K, Kp = i8_kpad(K), rb = i8_row_bytes(K);
+  if constexpr (MB == 1) {
+    for (int r = 0; r < RB; ++r)
+      a.out[m * a.ldo + n + r] = i8_dot_stream(a.w + (n + r) * K, a.x + m * rb, K, Kp) * a.scale[n + r];
+    return;
+  }
   __m512 acc[RB][MB];
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < MB; ++j) acc[r][j] = _mm512_setzero_ps();
