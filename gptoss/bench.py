@@ -5,12 +5,16 @@ is what a server does for one request.
 
 Decode reads every active weight once per token, so tokens/s x bytes per token is the bandwidth
 the model uses; dividing by the bandwidth measured here (a large read-only reduction) tells how
-close to the physical limit it runs.
+close to the physical limit it runs. On a CPU that reference read is taken between the decode
+steps and the median kept: a shared machine's bandwidth moves by 1.5x within minutes (31 to 57
+GB/s on the 2-core machine this project is measured on), so a read taken after the run, or the
+best of a few, can compare the decode with another machine.
 """
 
 from __future__ import annotations
 
 import time
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,6 +45,7 @@ class BenchResult:
     tensor_parallel_size: int = 1
     rank_memory: list[dict] | None = None  # per rank: resident GB (anonymous, file-backed) and peak
     bytes_sent_per_decode_step: int = 0  # by rank 0 into the collectives, with tensor parallelism
+    bandwidth_between_steps: bool = False  # the reference read: the median of reads between the decode steps
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,13 +63,16 @@ def process_memory(pid: int | str = "self") -> dict:
             "peak_gb": fields.get("VmHWM", 0.0)}
 
 
-def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, device="cpu") -> float:
-    """GB/s of a multithreaded read of a buffer far larger than the caches (best of `repeats`);
-    on a GPU, of its memory."""
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    buf.sum()  # fault the pages in
+def read_buffer(nbytes: int = 1 << 30, device="cpu") -> torch.Tensor:
+    """A buffer far larger than the caches, its pages faulted in, for `read_gb_per_s`."""
+    buf = torch.rand(nbytes // 4, dtype=torch.float32, device=device)
+    buf.sum()
+    return buf
+
+
+def read_gb_per_s(buf: torch.Tensor, repeats: int = 1) -> float:
+    """GB/s of a multithreaded read of `buf` (the best of `repeats` passes); on a GPU, of its memory."""
+    sync = torch.cuda.synchronize if buf.device.type == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
         sync()
@@ -72,7 +80,13 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, device="cpu"
         buf.sum()
         sync()
         best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
+    return buf.numel() * buf.element_size() / best / 1e9
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, device="cpu") -> float:
+    """GB/s of a multithreaded read of a buffer far larger than the caches (best of `repeats`);
+    on a GPU, of its memory."""
+    return read_gb_per_s(read_buffer(nbytes, torch.device(device)), repeats)
 
 
 def touch_every_page(model: torch.nn.Module, page: int = 4096) -> None:
@@ -116,6 +130,8 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
         from gptoss.progress import track
         steps = track(steps, description="prefill + decode")
     decode_times = []
+    reads = []  # GB/s of the reference read, taken every 8 decode steps (CPU)
+    probe = read_buffer(1 << 29) if model.device.type == "cpu" else None
     greedy = SamplingParams(temperature=0, max_tokens=gen_tokens + 1, ignore_eos=True)
     with torch.inference_mode():
         touch_every_page(model)  # time the model, not the disk: fault the memory-mapped weights in
@@ -132,6 +148,8 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
                 sent = parallel.bytes_sent()
             else:
                 decode_times.append(time.perf_counter() - t0)
+            if probe is not None and step % 8 == 0:  # beside the steps, not inside their timing
+                reads.append(read_gb_per_s(probe))
         sent_per_step = (parallel.bytes_sent() - sent) // max(1, gen_tokens)
     # The first decode steps warm caches and thread pools; report the steady state.
     steady = decode_times[len(decode_times) // 8:] or decode_times
@@ -141,7 +159,8 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
     memory = [dict(rank=r, **process_memory(pid)) for r, pid in enumerate(pids)]
     if ranks is not None:
         ranks.close()
-    bandwidth = measure_read_bandwidth(device=model.device)
+    del probe
+    bandwidth = statistics.median(reads) if reads else measure_read_bandwidth(device=model.device)
     decode_gbs = decode_tps * per_token / 1e9
     return BenchResult(
         model=str(path), threads=torch.get_num_threads(), kernels=ops.backend_name(model.device), dense_int8=dense_int8,
@@ -150,17 +169,19 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads
         bytes_per_token=per_token, decode_gb_per_s=decode_gbs,
         measured_bandwidth_gb_per_s=bandwidth, bandwidth_fraction=decode_gbs / bandwidth,
         tensor_parallel_size=tensor_parallel_size, rank_memory=memory, bytes_sent_per_decode_step=sent_per_step,
+        bandwidth_between_steps=bool(reads),
     )
 
 
 def format_result(r: BenchResult) -> str:
+    during = " (median, between the decode steps)" if r.bandwidth_between_steps else ""
     return "\n".join([
         f"model        {r.model}   ({r.threads} threads, kernels: {r.kernels}"
         f"{', dense int8' if r.dense_int8 else ''}, loaded in {r.load_s:.1f} s)",
         f"prefill      {r.prefill_tokens_per_s:8.1f} tokens/s   ({r.prompt_tokens} tokens)",
         f"decode       {r.decode_tokens_per_s:8.2f} tokens/s   ({r.gen_tokens} tokens)",
         f"per token    {r.bytes_per_token / 1e9:8.3f} GB read -> {r.decode_gb_per_s:.1f} GB/s",
-        f"bandwidth    {r.measured_bandwidth_gb_per_s:8.1f} GB/s measured here -> decode uses "
+        f"bandwidth    {r.measured_bandwidth_gb_per_s:8.1f} GB/s read here{during} -> decode uses "
         f"{100 * r.bandwidth_fraction:.0f}% of it",
         *([f"ranks        {r.tensor_parallel_size}: " + ", ".join(
             f"rank {m['rank']} {m['anon_gb']:.2f} GB own + {m['file_gb']:.2f} GB mapped" for m in r.rank_memory),

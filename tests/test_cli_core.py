@@ -73,6 +73,21 @@ def test_bench_refuses_more_tokens_than_the_context(tiny_checkpoint):
              f"context of {context} tokens")
 
 
+def test_bench_reads_its_reference_bandwidth_between_the_decode_steps(tiny_checkpoint):
+    """The plain read that decode is compared with is taken beside it (every 8 steps, the median),
+    not after the run: a shared machine's bandwidth moves within minutes."""
+    import json
+
+    out = gptoss("bench", str(tiny_checkpoint), "--prompt-tokens", "8", "--gen-tokens", "24", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["bandwidth_between_steps"] is True
+    assert result["measured_bandwidth_gb_per_s"] > 0
+    assert result["bandwidth_fraction"] == result["decode_gb_per_s"] / result["measured_bandwidth_gb_per_s"]
+    text = gptoss("bench", str(tiny_checkpoint), "--prompt-tokens", "8", "--gen-tokens", "8")
+    assert "(median, between the decode steps)" in text.stdout
+
+
 def test_chat_drops_a_message_that_fails_and_goes_on(tiny_checkpoint):
     """A message too long for the context is refused once; it does not stay in the conversation
     and make every later message fail too."""
