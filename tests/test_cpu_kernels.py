@@ -153,7 +153,9 @@ def test_mxfp4_decode_all_bytes_and_extreme_scales(isa, dtype):
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 37, 64), (2, 5, 100), (3, 67, 48), (4, 33, 2880),
                                    (5, 19, 96), (37, 41, 160), (1, 257, 16),
                                    # one row streams each weight row: whole chunks and every kind of tail
-                                   (1, 9, 2880), (1, 5, 200), (1, 3, 131), (1, 6, 256)])
+                                   (1, 9, 2880), (1, 5, 200), (1, 3, 131), (1, 6, 256),
+                                   # many rows: the tile products (odd K: the widened fp32 one)
+                                   (12, 40, 96), (40, 64, 64), (9, 7, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(isa, dtype, m, n, k, bias):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)

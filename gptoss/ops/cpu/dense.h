@@ -299,11 +299,52 @@ T_AVX512 static void gemm_mk_avx512(const float* w, const float* xt, int64_t K, 
     for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c + n * 16 * MV + 16 * v, acc[n][v]);
 }
 
-// Rows [0, rows) of the tile (allocated to a multiple of 16 rows, zero-padded) against M tokens;
-// out[m * ldo + n].
+// The same tiling on AVX512_BF16 for bf16 weights and x, two k at a time with vdpbf16ps (twice the
+// multiply-adds of an fp32 FMA, products exact, as the decode GEMV): x is packed as bf16 pairs,
+// xt2 [M/16][K/2][16][2], and each weight pair (w[n][k], w[n][k+1]) is broadcast straight from the
+// bf16 rows, so no weight is widened. K must be even.
+static void pack_xt2(const bf16_t* src, int64_t M, int64_t K, bf16_t* xt) {
+  const int64_t mp = gemm_mpad(M);
+  for (int64_t m0 = 0; m0 < mp; m0 += 16) {
+    bf16_t* blk = xt + m0 * K;
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t m = m0 + i;
+      for (int64_t k = 0; k < K; k += 2) {
+        blk[k * 16 + 2 * i] = m < M ? src[m * K + k] : bf16_t(0);
+        blk[k * 16 + 2 * i + 1] = m < M ? src[m * K + k + 1] : bf16_t(0);
+      }
+    }
+  }
+}
+
 template <int NR, int MV>
-static void gemm_tile_nm(const float* w, int64_t rows, const float* xt, int64_t M, int64_t K, float* out,
-                         int64_t ldo) {
+T_AVX512BF16 static void gemm_mk_bf16dp(const bf16_t* w, const bf16_t* xt, int64_t K, float* c) {
+  __m512 acc[NR][MV];
+  for (int n = 0; n < NR; ++n)
+    for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    __m512bh xv[MV];
+    for (int v = 0; v < MV; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(xt + v * K * 16 + k * 16);
+    for (int n = 0; n < NR; ++n) {
+      uint32_t pair;
+      std::memcpy(&pair, w + n * K + k, 4);
+      const __m512bh wb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int v = 0; v < MV; ++v) acc[n][v] = _mm512_dpbf16_ps(acc[n][v], wb, xv[v]);
+    }
+  }
+  for (int n = 0; n < NR; ++n)
+    for (int v = 0; v < MV; ++v) _mm512_storeu_ps(c + n * 16 * MV + 16 * v, acc[n][v]);
+}
+
+template <int NR, int MV>
+static INLINE void gemm_mk(const float* w, const float* xt, int64_t K, float* c) { gemm_mk_avx512<NR, MV>(w, xt, K, c); }
+template <int NR, int MV>
+static INLINE void gemm_mk(const bf16_t* w, const bf16_t* xt, int64_t K, float* c) { gemm_mk_bf16dp<NR, MV>(w, xt, K, c); }
+
+// Rows [0, rows) of the tile (readable to a multiple of 16 rows, zero-padded) against M tokens;
+// out[m * ldo + n]. fp32 tiles with packed fp32 x (pack_xt), or bf16 rows with bf16 pairs (pack_xt2).
+template <int NR, int MV, class T>
+static void gemm_tile_nm(const T* w, int64_t rows, const T* xt, int64_t M, int64_t K, float* out, int64_t ldo) {
   const int64_t mp = gemm_mpad(M);
   float c[NR * 16 * MV];
   for (int64_t n0 = 0; n0 < rows; n0 += NR) {
@@ -311,9 +352,9 @@ static void gemm_tile_nm(const float* w, int64_t rows, const float* xt, int64_t 
       const bool wide = m0 + 16 * MV <= mp;
       const int64_t cw = wide ? 16 * MV : 16;
       if (wide)
-        gemm_mk_avx512<NR, MV>(w + n0 * K, xt + m0 * K, K, c);
+        gemm_mk<NR, MV>(w + n0 * K, xt + m0 * K, K, c);
       else
-        gemm_mk_avx512<NR, 1>(w + n0 * K, xt + m0 * K, K, c);
+        gemm_mk<NR, 1>(w + n0 * K, xt + m0 * K, K, c);
       for (int64_t n = 0; n < NR && n0 + n < rows; ++n)
         for (int64_t m = 0; m < cw && m0 + m < M; ++m) out[(m0 + m) * ldo + n0 + n] = c[n * cw + m];
       m0 += cw;
@@ -321,7 +362,8 @@ static void gemm_tile_nm(const float* w, int64_t rows, const float* xt, int64_t 
   }
 }
 
-static void gemm_tile(const float* w, int64_t rows, const float* xt, int64_t M, int64_t K, float* out, int64_t ldo) {
+template <class T>
+static void gemm_tile(const T* w, int64_t rows, const T* xt, int64_t M, int64_t K, float* out, int64_t ldo) {
   if (M > 16)
     gemm_tile_nm<8, 2>(w, rows, xt, M, K, out, ldo);
   else
@@ -382,6 +424,25 @@ static void linear_impl(const void* x, const void* w, bool bf16, const void* bia
       if (out_bf16) f32_to_bf16_row(isa, row + n0, static_cast<bf16_t*>(out) + m * N + n0, n1 - n0);
     }
   };
+  if (M > kGemvMaxRows && bf16 && isa == Isa::Avx512Bf16 && K % 2 == 0) {
+    // GEMM with vdpbf16ps: x packed once as bf16 pairs, the weights read in place (a tile of 32 rows
+    // per unit; a last unit of fewer rows is copied, zero-padded, to a multiple of 16).
+    std::vector<bf16_t> xt(gemm_mpad(M) * K);
+    pack_xt2(static_cast<const bf16_t*>(x), M, K, xt.data());
+    constexpr int64_t rows = 32;
+    parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& scratch) {
+      const int64_t n0 = u * rows, nr = std::min(N, n0 + rows) - n0, nr16 = (nr + 15) / 16 * 16;
+      const bf16_t* wt = static_cast<const bf16_t*>(w) + n0 * K;
+      if (nr16 != nr) {
+        scratch.assign((nr16 * K + 1) / 2, 0.f);
+        std::memcpy(scratch.data(), wt, nr * K * sizeof(bf16_t));
+        wt = reinterpret_cast<const bf16_t*>(scratch.data());
+      }
+      gemm_tile(wt, nr, xt.data(), M, K, op + n0, N);
+      finish_columns(n0, n0 + nr);
+    });
+    return;
+  }
   if (M > kGemvMaxRows && isa >= Isa::Avx512) {
     // GEMM: x packed once, bf16 weights widened to fp32 a tile of rows at a time.
     std::vector<float> xt(gemm_mpad(M) * K);
