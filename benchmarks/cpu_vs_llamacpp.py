@@ -10,7 +10,7 @@ Steps (all build outputs live in a cache folder outside the repository, reused o
 3. Its `convert_hf_to_gguf.py` converts the same checkpoint, keeping the experts in MXFP4 and the
    dense tensors in bf16, so both read the same bytes per token.
 4. `llama-bench -p N -n M` and `gptoss bench --json` run alternately, `--rounds` times each;
-   the best run of each is reported with the ratio gptoss / llama.cpp.
+   the best and the median run of each are reported with the ratios gptoss / llama.cpp.
 
 llama-bench's tg test decodes from an empty context; gptoss bench decodes after the prompt.
 At 512 tokens of context attention is under 1% of the bytes read, so the two compare.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -123,13 +124,14 @@ def bench_gptoss(checkpoint: Path, prompt: int, gen: int, threads: int, dense_in
 
 
 def print_table(name: str, ours: list[dict], theirs: list[dict], pp: str, tg: str) -> None:
-    """Best run of each side, and their ratio."""
-    print(f"| test | {name} tokens/s | llama.cpp tokens/s | {name} / llama.cpp |")
+    """Best run of each side and their ratio, then the medians' (a shared machine's bandwidth moves
+    between runs, so the two can differ)."""
+    print(f"| test | {name} tokens/s best (median) | llama.cpp tokens/s best (median) | ratio of bests (of medians) |")
     print("|---|---|---|---|")
     for label, key in ((pp, "prefill"), (tg, "decode")):
-        a = max(o[key] for o in ours)
-        b = max(t[key] for t in theirs)
-        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+        a, b = max(o[key] for o in ours), max(t[key] for t in theirs)
+        ma, mb = statistics.median(o[key] for o in ours), statistics.median(t[key] for t in theirs)
+        print(f"| {label} | {a:.2f} ({ma:.2f}) | {b:.2f} ({mb:.2f}) | {a / b:.2f}x ({ma / mb:.2f}x) |")
 
 
 def main() -> None:
@@ -155,16 +157,20 @@ def main() -> None:
     for i in range(args.rounds):
         log(f"round {i + 1}/{args.rounds}: gptoss (page cache warmed in {warm_page_cache(shards):.0f} s)")
         ours.append(bench_gptoss(checkpoint, args.prompt_tokens, args.gen_tokens, args.threads))
+        log(f"  prefill {ours[-1]['prefill']:.2f}, decode {ours[-1]['decode']:.2f} tokens/s "
+            f"(plain read {ours[-1]['bandwidth']:.1f} GB/s)")
         if args.dense_int8:
             log(f"round {i + 1}/{args.rounds}: gptoss --dense-int8")
             ours_int8.append(bench_gptoss(checkpoint, args.prompt_tokens, args.gen_tokens, args.threads, True))
+            log(f"  prefill {ours_int8[-1]['prefill']:.2f}, decode {ours_int8[-1]['decode']:.2f} tokens/s")
         log(f"round {i + 1}/{args.rounds}: llama.cpp (page cache warmed in {warm_page_cache([gguf]):.0f} s)")
         theirs.append(bench_llama(llama_src, gguf, args.prompt_tokens, args.gen_tokens, args.threads))
+        log(f"  prefill {theirs[-1]['prefill']:.2f}, decode {theirs[-1]['decode']:.2f} tokens/s")
 
     pp, tg = f"pp{args.prompt_tokens}", f"tg{args.gen_tokens}"
     print(f"\ngpt-oss-{args.preset} (random weights, MXFP4 experts, bf16 dense), {args.threads} threads, "
-          f"best of {args.rounds} alternating runs; gptoss kernels: {ours[0]['kernels']}; "
-          f"read bandwidth measured {max(o['bandwidth'] for o in ours):.1f} GB/s")
+          f"{args.rounds} alternating runs each; gptoss kernels: {ours[0]['kernels']}; plain read during "
+          f"gptoss's decode {min(o['bandwidth'] for o in ours):.1f}-{max(o['bandwidth'] for o in ours):.1f} GB/s")
     print_table("gptoss", ours, theirs, pp, tg)
     if ours_int8:
         print(f"\ngptoss --dense-int8 (attention and lm_head int8 with a scale per row, experts MXFP4), "
