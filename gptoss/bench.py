@@ -13,8 +13,8 @@ best of a few, can compare the decode with another machine.
 
 from __future__ import annotations
 
-import time
 import statistics
+import time
 from dataclasses import asdict, dataclass
 
 import torch
