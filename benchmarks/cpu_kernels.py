@@ -137,7 +137,7 @@ def main() -> None:
     q_bias = torch.randn(Q_DIM, generator=g).bfloat16()
     case("q_proj GEMV 4096x2880 bf16 (+bias)", Q_DIM * H * 2, lambda: cpu.linear(x1, q_pool(), q_bias),
          lambda: reference.linear(x1, q_pool(), q_bias))
-    for m in (4, 128):
+    for m in (4, 6, 8, 128, 512):  # the reference is torch's matmul: oneDNN, on AMX tiles where the CPU has them
         xm = torch.randn(m, H, generator=g).bfloat16()
         case(f"q_proj {m} rows bf16", Q_DIM * H * 2, lambda: cpu.linear(xm, q_pool(), q_bias),
              lambda: reference.linear(xm, q_pool(), q_bias))

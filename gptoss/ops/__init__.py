@@ -60,7 +60,7 @@ _forced: str | None = None
 
 
 def _cpu_backend() -> Backend:
-    return Backend("cpu", cpu.linear, cpu.rms_norm, cpu.rotary, cpu.linear_int8,
+    return Backend("cpu", cpu.dispatch_linear, cpu.rms_norm, cpu.rotary, cpu.linear_int8,
                    cpu.quantize_rows_int8, cpu.moe_experts, cpu.attention, decode_attention_via(cpu.attention))
 
 
