@@ -395,6 +395,29 @@ def assert_int8_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert moved_rows <= max(1, out.shape[0] // 10), f"{moved_rows} of {out.shape[0]} rows moved"
 
 
+@pytest.mark.skipif(not cpu.has_amx(), reason="this CPU has no AMX tiles")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,i", [(40, 96, 64), (37, 160, 32), (70, 2880, 64), (9, 608, 544)])
+def test_moe_int8_tiles_on_amx_are_the_vector_kernels_bit_for_bit(dtype, n, h, i):
+    """The many-token int8 product takes its block sums on AMX: same integers, same fp32 epilogue,
+    so the same output bits as the vector kernel (tails of 16 tokens included)."""
+    before_isa, before_mode = cpu.isa(), cpu.int8_activations()
+    cpu.set_isa(next(name for name in ("avx512bf16", "avx512") if name in cpu.supported_isas()))
+    cpu.set_int8_activations("always")
+    try:
+        ew = make_experts(3, h, i, dtype, n + h)
+        x = (torch.randn(n, h, generator=torch.Generator().manual_seed(n)) * 2).to(dtype)
+        idx, wts = route(n, 3, 2, n + i, dtype)
+        amx = cpu.moe_experts(x, idx, wts, ew)
+        cpu.use_amx(False)
+        vector = cpu.moe_experts(x, idx, wts, ew)
+    finally:
+        cpu.use_amx(True)
+        cpu.set_isa(before_isa)
+        cpu.set_int8_activations(before_mode)
+    assert torch.equal(amx, vector)
+
+
 def test_moe_int8_is_the_same_alone_and_in_a_batch(int8_always):
     """A token gets the same output through the matrix-vector kernel (alone) and a tile (batch)."""
     ew = make_experts(2, 2880, 64, torch.float32, 1)

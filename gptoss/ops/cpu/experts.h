@@ -155,13 +155,16 @@ static void q8_expert_projection(Q8Kind kind, const std::vector<ExpertGroup>& gr
       q8_rows(kind, Q8Args{eb, es, nblk, xbuf + grp.x_off, grp.count, yg, ldy}, un.r0, un.r1);
       return;
     }
-    const int64_t nr = un.r1 - un.r0, nr4 = (nr + 3) / 4 * 4;
-    scratch.assign(nr4 * K / 4 + nr4 * nblk, 0.f);  // the byte tile, then its scales
+    const int64_t nr = un.r1 - un.r0, padded = (nr + 15) / 16 * 16;  // whole AMX tiles of rows
+    scratch.assign(padded * K / 4 + padded * nblk, 0.f);  // the byte tile, then its scales
     uint8_t* tile = reinterpret_cast<uint8_t*>(scratch.data());
-    float* ws = scratch.data() + nr4 * K / 4;
+    float* ws = scratch.data() + padded * K / 4;
     if (kind == Q8Kind::Vnni512) {
       decode_rows_q8(eb + un.r0 * nblk * 16, es + un.r0 * nblk, nblk, nr, tile, ws);
-      q8_gemm_tile(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
+      if (g_use_amx)
+        q8_gemm_tile_amx(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
+      else
+        q8_gemm_tile(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);
     } else {
       decode_rows_q8_avx2(eb + un.r0 * nblk * 16, es + un.r0 * nblk, nblk, nr, tile, ws);
       q8_gemm_tile_avx2(tile, ws, nr, xbuf + grp.x_off, grp.count, K, yg + un.r0, ldy);

@@ -1,7 +1,7 @@
 // gptoss CPU kernels: dense products, MXFP4 experts and attention.
 //
 // One translation unit: this file includes the kernels by operation (common.h, dense.h, mxfp4.h,
-// attention.h, int8.h, norm_rotary.h, experts.h, probe.h) and ends with the C interface that
+// attention.h, int8.h, amx.h, norm_rotary.h, experts.h, probe.h) and ends with the C interface that
 // gptoss/ops/cpu/__init__.py calls. It is compiled by setup.py at install time (recipe in
 // build.py), without -march: every SIMD function carries its own __attribute__((target(...))) and the path
 // is chosen at run time (Isa in common.h), so one binary runs on any x86-64 CPU.
@@ -15,6 +15,7 @@
 // half the rate of fp32 FMA, so the compute-bound kernels (MXFP4, GEMM) widen to fp32 instead.
 // On the avx512 paths, a CPU with VNNI and VBMI runs the experts of bfloat16 models with int8
 // activations (exact integer block sums, see "MXFP4 x int8 activations"); fp32 models stay exact.
+// On a CPU with AMX-INT8 the many-token int8 products take their block sums on the AMX tiles (amx.h).
 // Work is split over OpenMP threads, as many as gptoss_set_threads says (torch.get_num_threads()).
 //
 // The library does not depend on torch: it exports plain C functions (the `extern "C"` section at
@@ -51,6 +52,7 @@ using bf16_t = uint16_t;  // raw bfloat16 bits
 #include "mxfp4.h"
 #include "attention.h"
 #include "int8.h"
+#include "amx.h"
 #include "norm_rotary.h"
 #include "experts.h"
 #include "probe.h"
@@ -77,7 +79,7 @@ extern "C" {
 #define GPTOSS_SOURCE_HASH "unknown"
 #endif
 
-int gptoss_abi_version() { return 2; }
+int gptoss_abi_version() { return 3; }
 const char* gptoss_source_hash() { return GPTOSS_SOURCE_HASH; }
 const char* gptoss_last_error() { return g_error.c_str(); }
 
@@ -93,6 +95,8 @@ int gptoss_has_vnni_vbmi() { return g_has_vnni ? 1 : 0; }
 int gptoss_int8_kernels() { return static_cast<int>(q8_kind(g_isa)); }
 int gptoss_has_avx_vnni() { return g_has_avx_vnni ? 1 : 0; }
 void gptoss_use_avx_vnni(int on) { g_use_avx_vnni = on && g_has_avx_vnni; }
+int gptoss_has_amx() { return g_has_amx ? 1 : 0; }
+void gptoss_use_amx(int on) { g_use_amx = on && g_has_amx; }
 int gptoss_get_int8_activations() { return static_cast<int>(g_int8_act); }
 void gptoss_set_int8_activations(int mode) { g_int8_act = static_cast<Int8Activations>(mode); }
 
