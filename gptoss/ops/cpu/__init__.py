@@ -269,7 +269,8 @@ def has_amx_bf16() -> bool:
     global _amx_bf16
     if _amx_bf16 is None:
         try:
-            flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+            lines = Path("/proc/cpuinfo").read_text().splitlines()
+            flags = next((line for line in lines if line.startswith("flags")), "")
         except OSError:
             flags = ""
         _amx_bf16 = "amx_bf16" in flags.split()
@@ -507,6 +508,6 @@ def read_probe(t: torch.Tensor) -> int:
 
 __all__ = ["available", "unavailable_reason", "library_path", "isa", "supported_isas", "set_isa", "int8_activations",
            "set_int8_activations", "int8_activations_supported", "int8_kernels", "dense_int8_supported",
-           "use_avx_vnni", "has_avx_vnni", "has_vnni_vbmi", "has_amx_bf16", "has_amx", "use_amx", "dispatch_linear", "linear", "rms_norm", "rotary", "linear_int8",
-           "quantize_rows_int8", "moe_experts", "attention", "mxfp4_dequantize", "read_probe", "compile_library",
-           "source_hash", "cache_dir"]
+           "use_avx_vnni", "has_avx_vnni", "has_vnni_vbmi", "has_amx_bf16", "has_amx", "use_amx", "dispatch_linear",
+           "linear", "rms_norm", "rotary", "linear_int8", "quantize_rows_int8", "moe_experts", "attention",
+           "mxfp4_dequantize", "read_probe", "compile_library", "source_hash", "cache_dir"]
