@@ -145,6 +145,10 @@ def main() -> None:
     qf = Cycle([t.float() for t in q_pool.items[: max(2, copies // 2)]])
     case("q_proj GEMV 4096x2880 fp32", Q_DIM * H * 4, lambda: cpu.linear(x1f, qf()),
          lambda: reference.linear(x1f, qf()))
+    for m in (8, 9, 128):  # fp32 from 9 rows goes to torch's BLAS (cpu.FP32_MATMUL_MIN_ROWS): the kernels' tiles
+        xmf = torch.randn(m, H, generator=g)
+        case(f"q_proj {m} rows fp32", Q_DIM * H * 4, lambda: cpu.linear(xmf, qf()),
+             lambda: reference.linear(xmf, qf()))
     del q_pool, qf
 
     # MoE decode: one token, 4 experts of one layer, layers cycled (each layer 425 MB of experts).

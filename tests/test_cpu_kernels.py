@@ -177,20 +177,21 @@ def test_linear_keeps_leading_dims(isa):
 
 @pytest.mark.parametrize("amx", [False, True])
 def test_model_linear_dispatch(monkeypatch, amx):
-    """The model's linear: many bf16 rows go to torch's matmul on an AMX CPU (exactly the reference),
-    everything else to the kernels (exactly cpu.linear)."""
+    """The model's linear: many fp32 rows, and many bf16 rows on an AMX CPU, go to torch's matmul
+    (exactly the reference); everything else to the kernels (exactly cpu.linear)."""
     monkeypatch.setattr(cpu, "_amx_bf16", amx)
     assert ops._cpu_backend().linear is cpu.dispatch_linear
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(48, 64, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
-    for rows in (1, cpu.AMX_MATMUL_MIN_ROWS - 1, cpu.AMX_MATMUL_MIN_ROWS, 40):
-        x = torch.randn(rows, 64, generator=g).bfloat16()
-        to_torch = amx and rows >= cpu.AMX_MATMUL_MIN_ROWS
-        want = reference.linear(x, w, b) if to_torch else cpu.linear(x, w, b)
-        assert torch.equal(cpu.dispatch_linear(x, w, b), want)
-        assert torch.equal(cpu.dispatch_linear(x[None], w, b), want[None])  # leading dims count as rows
-    xf = torch.randn(40, 64, generator=g)
-    assert torch.equal(cpu.dispatch_linear(xf, w.float(), b.float()), cpu.linear(xf, w.float(), b.float()))
+    for dtype, min_rows, to_torch_here in ((torch.bfloat16, cpu.AMX_MATMUL_MIN_ROWS, amx),
+                                           (torch.float32, cpu.FP32_MATMUL_MIN_ROWS, True)):
+        wd, bd = w.to(dtype), b.to(dtype)
+        for rows in (1, min_rows - 1, min_rows, 40):
+            x = torch.randn(rows, 64, generator=g).to(dtype)
+            to_torch = to_torch_here and rows >= min_rows
+            want = reference.linear(x, wd, bd) if to_torch else cpu.linear(x, wd, bd)
+            assert torch.equal(cpu.dispatch_linear(x, wd, bd), want), (dtype, rows)
+            assert torch.equal(cpu.dispatch_linear(x[None], wd, bd), want[None])  # leading dims count as rows
     x = torch.randn(40, 64, generator=g).bfloat16()
     assert torch.equal(cpu.dispatch_linear(x, w, b.float()), cpu.linear(x, w, b.float()))  # fp32 bias: the kernels
 

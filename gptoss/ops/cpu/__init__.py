@@ -277,20 +277,32 @@ def has_amx_bf16() -> bool:
     return _amx_bf16
 
 
-# From this many rows on, a bf16 product runs faster in torch's matmul (oneDNN on AMX tiles) than in
-# the kernels on a CPU with AMX-BF16; below it the kernels' streaming GEMV wins. On a 2-core Xeon
-# with AMX, the 20b's q_proj: 1-4 rows 1.25x faster in the kernels, 6 rows 1.06x, 8 rows 1.28x,
-# 16 rows 1.9x and 512 rows 9.6x faster in torch (benchmarks/cpu_kernels.py, the q_proj rows,
-# whose reference is torch's matmul).
+# Products torch's matmul runs faster than the kernels, by rows (all leading dimensions together):
+# - fp32 with more than 8 rows: torch's BLAS (the kernels' fp32 tiles measured 1.1-1.2x faster at
+#   9-64 rows of the 20b's q_proj and 1.3-1.6x slower at 128-512; fp32 is the exactness path, so the
+#   older rule stays until its prefill is measured end to end).
+# - bf16 from 6 rows on a CPU with AMX-BF16: oneDNN multiplies on the AMX tiles. On a 2-core Xeon
+#   with AMX, the 20b's q_proj: 1-4 rows 1.25x faster in the kernels, 6 rows 1.06x, 8 rows 1.28x,
+#   16 rows 1.9x and 512 rows 9.6x faster in torch (benchmarks/cpu_kernels.py, the q_proj rows,
+#   whose reference is torch's matmul).
+# Fewer rows stay in the kernels' streaming GEMV, which reads the weights at the memory's speed.
+FP32_MATMUL_MIN_ROWS = 9
 AMX_MATMUL_MIN_ROWS = 6
 
 
+def _torch_is_faster(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if x.dim() == 0 or x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dtype == torch.float32:
+        return rows >= FP32_MATMUL_MIN_ROWS
+    return x.dtype == torch.bfloat16 and rows >= AMX_MATMUL_MIN_ROWS and has_amx_bf16()
+
+
 def dispatch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's `linear`: the kernels, except many bf16 rows on an AMX CPU (prefill), which torch's
-    matmul computes on the AMX tiles: the same fp32 sums rounded once to bf16, as the reference."""
-    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() >= 1
-            and (bias is None or bias.dtype == torch.bfloat16)
-            and x.numel() >= AMX_MATMUL_MIN_ROWS * max(x.shape[-1], 1) and has_amx_bf16()):
+    """The model's `linear`: the kernels, except the many-row products torch runs faster (above),
+    which it computes as the reference does: fp32 sums, rounded once to the dtype."""
+    if _torch_is_faster(x, weight, bias):
         return reference.linear(x, weight, bias)
     return linear(x, weight, bias)
 
@@ -311,7 +323,8 @@ def _threads() -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b; a bandwidth-bound GEMV for few rows, a register-blocked product otherwise."""
+    """y = x W^T + b in the kernels, for every shape: a bandwidth-bound GEMV for few rows, a
+    register-blocked product otherwise (the model calls `dispatch_linear`)."""
     lib = _load()
     if (lib is None or not _plain(x, weight, bias) or weight.dim() != 2 or x.dim() == 0
             or x.dtype != weight.dtype or x.dtype not in _FLOAT_TYPES or x.shape[-1] != weight.shape[1]):
@@ -321,9 +334,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise RuntimeError(f"linear: bias has {bias.numel()} elements, expected {n}")
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    if m > 8 and x.dtype == torch.float32:  # many rows of fp32 weights: torch's BLAS is faster here
-        out = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
-        return out.view(*x.shape[:-1], n)
     w = weight.contiguous()
     b = None if bias is None else bias.contiguous() if bias.dtype in _FLOAT_TYPES else bias.float().contiguous()
     out = torch.empty(m, n, dtype=x.dtype)  # summed in fp32, rounded once by the kernel

@@ -383,7 +383,7 @@ static int64_t rows_per_unit(int64_t N) {
 }
 
 // Up to this many rows of x, linear streams the weights through the dot-product kernels (GEMV);
-// beyond, it runs the tile GEMM (AVX-512, bf16 weights) or torch's BLAS (fp32 weights).
+// beyond, it runs the tile GEMM (AVX-512) or, on AVX2, the dot-product kernels on widened rows.
 static constexpr int64_t kGemvMaxRows = 8;
 
 T_AVX512 static void widen_bf16_avx512(const bf16_t* src, float* dst, int64_t n) {
@@ -409,8 +409,8 @@ static void dense_rows_widened(const DenseKernel& k, const DenseArgs& a, int64_t
 
 // out [M, N] = x [M, K] W[N, K]^T + bias, summed in fp32; x and W share a dtype (bf16 or fp32),
 // the bias is bf16 or fp32, and out is fp32 or bf16 (rounded here, a unit at a time, so a decode
-// step does not pay a separate conversion pass per product). Many rows of fp32 weights go to
-// torch's BLAS instead (the caller's business): this serves the rest.
+// step does not pay a separate conversion pass per product). Every shape is served here; which
+// products torch's matmul runs faster instead is the Python dispatcher's business (dispatch_linear).
 static void linear_impl(const void* x, const void* w, bool bf16, const void* bias, bool bias_bf16, int64_t M,
                         int64_t N, int64_t K, void* out, bool out_bf16) {
   const Isa isa = g_isa;
@@ -446,7 +446,7 @@ static void linear_impl(const void* x, const void* w, bool bf16, const void* bia
     return;
   }
   if (M > kGemvMaxRows && isa >= Isa::Avx512) {
-    // GEMM: x packed once, bf16 weights widened to fp32 a tile of rows at a time.
+    // GEMM: x packed once, the weights copied (fp32) or widened (bf16) to an fp32 tile of rows at a time.
     std::vector<float> xt(gemm_mpad(M) * K);
     if (bf16)
       pack_xt(static_cast<const bf16_t*>(x), K, nullptr, M, K, xt.data());
@@ -456,7 +456,10 @@ static void linear_impl(const void* x, const void* w, bool bf16, const void* bia
     parallel_units((N + rows - 1) / rows, [&](int64_t u, std::vector<float>& tile) {
       const int64_t n0 = u * rows, nr = std::min(N, n0 + rows) - n0;
       tile.resize(rows * K);
-      widen_bf16_avx512(static_cast<const bf16_t*>(w) + n0 * K, tile.data(), nr * K);
+      if (bf16)
+        widen_bf16_avx512(static_cast<const bf16_t*>(w) + n0 * K, tile.data(), nr * K);
+      else
+        std::memcpy(tile.data(), static_cast<const float*>(w) + n0 * K, nr * K * sizeof(float));
       std::fill(tile.begin() + nr * K, tile.end(), 0.f);
       gemm_tile(tile.data(), nr, xt.data(), M, K, op + n0, N);
       finish_columns(n0, n0 + nr);
