@@ -167,6 +167,24 @@ def test_linear(isa, dtype, m, n, k, bias):
     close(out, reference.linear(x, w, b), dtype)
 
 
+@pytest.mark.parametrize("side_by_side", [False, True])
+@pytest.mark.parametrize("n,k", [(1, 32), (3, 131), (4, 64), (15, 200), (16, 2880), (37, 96), (64, 33), (257, 16)])
+def test_decode_gemv_rows_side_by_side(isa, side_by_side, n, k):
+    """One bf16 row of x: 16 (then 4, then 1) weight rows read side by side, or one row at a time;
+    both against the fp32 reference, every kind of row and K tail."""
+    was = cpu.gemv_side_by_side()
+    cpu.use_gemv_side_by_side(side_by_side)
+    try:
+        g = torch.Generator().manual_seed(n * 100 + k)
+        x = torch.randn(1, k, generator=g).bfloat16()
+        w = torch.randn(n, k, generator=g).bfloat16()
+        b = torch.randn(n, generator=g).bfloat16()
+        out = cpu.linear(x, w, b)
+        close(out, reference.linear(x.float(), w.float(), b.float()), torch.bfloat16)
+    finally:
+        cpu.use_gemv_side_by_side(was)
+
+
 def test_linear_keeps_leading_dims(isa):
     x = torch.randn(2, 3, 64).bfloat16()
     w = torch.randn(10, 64).bfloat16()

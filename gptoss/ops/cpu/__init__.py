@@ -36,7 +36,7 @@ from gptoss.ops.reference import ExpertWeights
 log = logging.getLogger("gptoss")
 
 HERE = Path(__file__).resolve().parent
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # the library's Isa enum, in order
 INT8_MODES = ("never", "bf16", "always")
 LIBRARY_NAME = "_kernels.so"  # what setup.py installs beside this file
@@ -88,6 +88,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "gptoss_set_int8_activations": [i],
         "gptoss_use_avx_vnni": [i],
         "gptoss_use_amx": [i],
+        "gptoss_use_gemv_side_by_side": [i],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
@@ -253,6 +254,17 @@ def use_amx(on: bool) -> None:
     """Take the prefill int8 tiles' block sums on AMX where the CPU has it (the default), or on
     the vector units (tests; the results are the same)."""
     _required().gptoss_use_amx(int(on))
+
+
+def gemv_side_by_side() -> bool:
+    """A decode step's bf16 GEMV reads 16 weight rows side by side (the default on Intel CPUs,
+    where more streams read faster) rather than one row at a time with a prefetch ahead."""
+    lib = _load()
+    return lib is not None and bool(lib.gptoss_gemv_side_by_side())
+
+
+def use_gemv_side_by_side(on: bool) -> None:
+    _required().gptoss_use_gemv_side_by_side(int(on))
 
 
 def has_vnni_vbmi() -> bool:
@@ -518,6 +530,7 @@ def read_probe(t: torch.Tensor) -> int:
 
 __all__ = ["available", "unavailable_reason", "library_path", "isa", "supported_isas", "set_isa", "int8_activations",
            "set_int8_activations", "int8_activations_supported", "int8_kernels", "dense_int8_supported",
-           "use_avx_vnni", "has_avx_vnni", "has_vnni_vbmi", "has_amx_bf16", "has_amx", "use_amx", "dispatch_linear",
+           "use_avx_vnni", "has_avx_vnni", "has_vnni_vbmi", "has_amx_bf16", "has_amx", "use_amx", "gemv_side_by_side",
+           "use_gemv_side_by_side", "dispatch_linear",
            "linear", "rms_norm", "rotary", "linear_int8", "quantize_rows_int8", "moe_experts", "attention",
            "mxfp4_dequantize", "read_probe", "compile_library", "source_hash", "cache_dir"]

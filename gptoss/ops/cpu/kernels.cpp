@@ -79,7 +79,7 @@ extern "C" {
 #define GPTOSS_SOURCE_HASH "unknown"
 #endif
 
-int gptoss_abi_version() { return 3; }
+int gptoss_abi_version() { return 4; }
 const char* gptoss_source_hash() { return GPTOSS_SOURCE_HASH; }
 const char* gptoss_last_error() { return g_error.c_str(); }
 
@@ -97,6 +97,8 @@ int gptoss_has_avx_vnni() { return g_has_avx_vnni ? 1 : 0; }
 void gptoss_use_avx_vnni(int on) { g_use_avx_vnni = on && g_has_avx_vnni; }
 int gptoss_has_amx() { return g_has_amx ? 1 : 0; }
 void gptoss_use_amx(int on) { g_use_amx = on && g_has_amx; }
+int gptoss_gemv_side_by_side() { return g_gemv_side_by_side ? 1 : 0; }
+void gptoss_use_gemv_side_by_side(int on) { g_gemv_side_by_side = on != 0; }
 int gptoss_get_int8_activations() { return static_cast<int>(g_int8_act); }
 void gptoss_set_int8_activations(int mode) { g_int8_act = static_cast<Int8Activations>(mode); }
 
