@@ -619,3 +619,20 @@ def test_model_forward_matches_reference(tiny_checkpoint, monkeypatch):
         finally:
             ops.use(None)
     close(fast, slow, torch.float32)
+
+
+def test_read_probe_reads_every_byte():
+    """The bandwidth probe (16 streams side by side per 1 MB chunk) touches every byte once: its
+    result is the XOR of all 8-byte words, a chunk's bytes past its 16 x 64-byte streams folded in
+    one at a time."""
+    import numpy as np
+
+    for nbytes in ((3 << 20) + 4096, (1 << 20) + 1000 * 64 + 24):
+        buf = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes))
+        last = nbytes % (1 << 20)
+        tail = last - last // 1024 * 1024
+        data = buf.numpy()
+        want = int(np.bitwise_xor.reduce(data[: nbytes - tail].view(np.uint64)))
+        for byte in data[nbytes - tail:]:
+            want ^= int(byte)
+        assert cpu.read_probe(buf) & (2**64 - 1) == want
