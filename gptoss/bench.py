@@ -117,14 +117,15 @@ def bytes_per_token(path: str, model: Model) -> int:
 
 def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 64, threads: int | None = None,
               progress: bool = True, dense_int8: bool = False, tensor_parallel_size: int = 1,
-              expert_parallel: bool = False, device: str = "cpu", cuda_graphs: bool | None = None) -> BenchResult:
+              expert_parallel: bool = False, device: str = "cpu", cuda_graphs: bool | None = None,
+              mmap: bool = True) -> BenchResult:
     from gptoss import ops
 
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_model(path, dtype=torch.bfloat16, progress=progress, dense_int8=dense_int8, device=device,
-                       tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
+                       tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel, mmap=mmap)
     load_s = time.perf_counter() - start
     per_token = bytes_per_token(path, model)
     gen = torch.Generator().manual_seed(0)

@@ -71,7 +71,7 @@ class ChatSession:
 def parallel_options(args) -> dict:
     """Where the model runs: --device and the tensor-parallel options."""
     return {"tensor_parallel_size": args.tensor_parallel_size, "expert_parallel": args.expert_parallel,
-            "device": args.device, "cuda_graphs": False if args.enforce_eager else None}
+            "device": args.device, "cuda_graphs": False if args.enforce_eager else None, "mmap": args.mmap}
 
 
 def run_chat(args) -> int:

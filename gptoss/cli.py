@@ -137,7 +137,7 @@ def cmd_bench(args) -> None:
     result = run_bench(args.path, args.prompt_tokens, args.gen_tokens, args.threads, progress=not args.json,
                        dense_int8=args.dense_int8, tensor_parallel_size=args.tensor_parallel_size,
                        expert_parallel=args.expert_parallel, device=args.device,
-                       cuda_graphs=False if args.enforce_eager else None)
+                       cuda_graphs=False if args.enforce_eager else None, mmap=args.mmap)
     print(json.dumps(result.as_dict()) if args.json else format_result(result))
 
 
@@ -222,7 +222,7 @@ def cmd_serve(args) -> None:
                             max_queue=args.max_queue, device=args.device, dense_int8=args.dense_int8,
                             strict_params=args.strict_params, ui=not args.no_ui,
                             tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel,
-                            cuda_graphs=False if args.enforce_eager else None)
+                            cuda_graphs=False if args.enforce_eager else None, mmap=args.mmap)
     except ValueError as exc:  # e.g. a KV cache too small for --max-num-seqs
         raise UsageError(str(exc)) from None
     run(state, host=args.host, port=args.port, log_level=args.log_level, shutdown_timeout=args.shutdown_timeout)
@@ -236,6 +236,9 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                    help="split the model over N processes (torch.distributed; default 1)")
     p.add_argument("--expert-parallel", action="store_true",
                    help="with -tp N, give each rank whole experts instead of a slice of every expert")
+    p.add_argument("--no-mmap", dest="mmap", action="store_false",
+                   help="copy the weights into memory instead of reading them from the mapped files: slower "
+                        "to load, needs the whole model in RAM, decodes faster on some CPUs")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

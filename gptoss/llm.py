@@ -73,11 +73,13 @@ class GenerationStream:
 class LLM:
     def __init__(self, path: str | Path | None = None, *, revision: str | None = None, device: str = "cpu",
                  dtype: torch.dtype = torch.bfloat16, progress: bool = False, dense_int8: bool = False,
-                 tensor_parallel_size: int = 1, expert_parallel: bool = False, **engine_options):
+                 tensor_parallel_size: int = 1, expert_parallel: bool = False, mmap: bool = True,
+                 **engine_options):
         """`path`: a model folder, a Hugging Face Hub id (`openai/gpt-oss-20b`, at `revision`), or
         None for the demo model that ships with gptoss. `tensor_parallel_size` N > 1 splits the
         model over N processes (gptoss.parallel; `expert_parallel` puts whole experts on each);
-        `close()` stops them."""
+        `close()` stops them. `mmap=False` copies the weights out of the file map (see
+        `Model.from_pretrained`)."""
         if path is None:
             from gptoss.demo import demo_model_path
             path = demo_model_path()
@@ -86,7 +88,8 @@ class LLM:
             path = resolve(path, revision)
         self.path = Path(path)
         self.model = load_model(path, device=device, dtype=dtype, progress=progress, dense_int8=dense_int8,
-                                tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
+                                tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel,
+                                mmap=mmap)
         self.engine = LLMEngine(self.model, **engine_options)
         self.encoding = harmony_encoding(path)
         self._text_encoding = tiktoken_encoding(path)

@@ -42,6 +42,33 @@ def test_experts_stay_mxfp4_and_tensors_are_memory_mapped(tiny_checkpoint):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def _on_a_safetensors_map(t: torch.Tensor) -> bool:
+    """Whether the tensor's memory is a mapping of a .safetensors file (Linux /proc/self/maps)."""
+    address = t.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= address < end:
+                return len(fields) >= 6 and fields[5].endswith(".safetensors")
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_no_mmap_copies_every_tensor_out_of_the_files(tmp_path, layout):
+    config = ModelConfig.preset("tiny")
+    write_random_checkpoint(tmp_path / "m", config, seed=3, layout=layout)
+    mapped = Model.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    copied = Model.from_pretrained(tmp_path / "m", dtype=torch.bfloat16, mmap=False)
+    assert _on_a_safetensors_map(mapped.embedding.weight)
+    tensors = dict(copied.named_parameters()) | dict(copied.named_buffers())
+    assert not [name for name, t in tensors.items() if _on_a_safetensors_map(t)]
+    ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(mapped(ids), copied(ids))
+
+
 def test_original_layout_splits_fused_qkv():
     config = ModelConfig.preset("tiny")
     assert checkpoint_key("blocks.1.attn.k_proj.weight", "original", config).rows == (64, 96)

@@ -151,3 +151,12 @@ def test_kernel_builds_are_keyed_by_their_source_and_shared(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "building" in first.stderr and "building" not in second.stderr
     assert first.stdout == second.stdout
+
+
+def test_generate_with_no_mmap_gives_the_same_text(tiny_checkpoint):
+    """--no-mmap loads copies of the weights: the same greedy completion as the mapped files."""
+    runs = [gptoss("generate", str(tiny_checkpoint), "--prompt", "Hi", "--max-tokens", "6", "--temperature", "0",
+                   *extra) for extra in ((), ("--no-mmap",))]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert runs[0].stdout == runs[1].stdout

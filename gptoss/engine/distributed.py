@@ -48,6 +48,7 @@ class LoadSpec:
     device: str = "cpu"
     dtype: str = "bfloat16"
     dense_int8: bool = False
+    mmap: bool = True
 
     def load(self, rank: int, progress: bool = False):
         from gptoss.model import Model
@@ -57,7 +58,7 @@ class LoadSpec:
             device = f"cuda:{rank % torch.cuda.device_count()}"
             torch.cuda.set_device(device)
         return Model.from_pretrained(self.path, device=device, dtype=getattr(torch, self.dtype), progress=progress,
-                                     dense_int8=self.dense_int8,
+                                     dense_int8=self.dense_int8, mmap=self.mmap,
                                      shard=Shard(rank, self.world_size, self.expert_parallel))
 
 
@@ -82,7 +83,8 @@ def _torchrun_rank() -> int | None:
 
 
 def load_model(path, *, tensor_parallel_size: int = 1, expert_parallel: bool = False, device: str = "cpu",
-               dtype: torch.dtype = torch.bfloat16, dense_int8: bool = False, progress: bool = False):
+               dtype: torch.dtype = torch.bfloat16, dense_int8: bool = False, progress: bool = False,
+               mmap: bool = True):
     """The model on rank 0: the whole of it when tensor_parallel_size is 1, else rank 0's shard,
     with the other ranks started and attached as `model.ranks`. Under torchrun, a process with
     RANK > 0 serves steps here and exits when rank 0 stops."""
@@ -93,9 +95,10 @@ def load_model(path, *, tensor_parallel_size: int = 1, expert_parallel: bool = F
     if tensor_parallel_size == 1:
         if expert_parallel:
             log.warning("--expert-parallel does nothing with one rank")
-        return Model.from_pretrained(path, device=device, dtype=dtype, progress=progress, dense_int8=dense_int8)
+        return Model.from_pretrained(path, device=device, dtype=dtype, progress=progress, dense_int8=dense_int8,
+                                     mmap=mmap)
     spec = LoadSpec(str(path), tensor_parallel_size, expert_parallel, device, str(dtype).removeprefix("torch."),
-                    dense_int8)
+                    dense_int8, mmap)
     launched = _torchrun_rank()
     if launched is not None:
         if int(os.environ["WORLD_SIZE"]) != tensor_parallel_size:

@@ -171,7 +171,7 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
                 kv_cache_size=None, max_num_seqs: int = 32, max_queue: int = 64, device: str = "cpu",
                 progress: bool = True, dense_int8: bool = False, strict_params: bool = False,
                 ui: bool = True, tensor_parallel_size: int = 1, expert_parallel: bool = False,
-                cuda_graphs: bool | None = None) -> ServerState:
+                cuda_graphs: bool | None = None, mmap: bool = True) -> ServerState:
     """Load the model and wrap it for serving."""
     from gptoss.engine.engine import LLMEngine
     from gptoss.engine.distributed import load_model
@@ -184,7 +184,7 @@ def build_state(path: str | Path, *, served_model_name: str | None = None, api_k
     detect_layout(path)  # a folder that is not a model says so first (before the vocabulary is looked for)
     encoding, text_encoding = harmony_encoding(path), tiktoken_encoding(path)  # fail fast on a missing vocab
     model = load_model(path, device=device, progress=progress, dense_int8=dense_int8,
-                       tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel)
+                       tensor_parallel_size=tensor_parallel_size, expert_parallel=expert_parallel, mmap=mmap)
     engine = LLMEngine(model, kv_cache_size=kv_cache_size, max_num_seqs=max_num_seqs, cuda_graphs=cuda_graphs)
     smallest = min(MIN_KV_CACHE_TOKENS, model.config.context_length)
     if engine.kv_cache_tokens < smallest:
