@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gptoss.sampling import (
@@ -384,7 +384,12 @@ def test_no_stops_streams_everything():
     stops=st.lists(st.text(alphabet="ab#<>", min_size=1, max_size=4), min_size=1, max_size=3),
     cuts=st.lists(st.integers(0, 40), max_size=8),
 )
+@example(text="<b<", stops=["b", "<b<"], cuts=[2])
 def test_stop_matcher_agrees_with_whole_text_search(text, stops, cuts):
+    """A stop is seen when the delta that completes it arrives (as a server checks after each
+    token): the output is cut at the earliest start among the stops complete at the first delta
+    that completes any. So `<b` then `<` with stops `b` and `<b<` stops on `b` and gives `<`,
+    although `<b<` starts earlier in the whole text: it was not complete yet."""
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     m = StopStringMatcher(stops)
@@ -395,7 +400,11 @@ def test_stop_matcher_agrees_with_whole_text_search(text, stops, cuts):
         assert r.held_back <= max(len(s) for s in stops) - 1
     if not m.stopped:
         emitted.append(m.flush())
-    hits = [text.find(s) for s in stops if s in text]
-    expected = text[: min(hits)] if hits else text
+    expected, hit = text, False
+    for end in bounds[1:]:
+        starts = [text[:end].find(s) for s in stops if s in text[:end]]
+        if starts:
+            expected, hit = text[: min(starts)], True
+            break
     assert "".join(emitted) == expected == m.text
-    assert m.stopped == bool(hits)
+    assert m.stopped == hit
