@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def gptoss(*args):
@@ -160,3 +163,32 @@ def test_generate_with_no_mmap_gives_the_same_text(tiny_checkpoint):
     for run in runs:
         assert run.returncode == 0, run.stderr
     assert runs[0].stdout == runs[1].stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-mmap", "--dense-int8"]])
+def test_decode_profile_names_each_projection_and_the_page_sizes(tiny_checkpoint, extra):
+    """benchmarks/decode_profile.py, where a decode step's time goes: one row per kind of
+    projection (per-call costs show on the small ones), and how much of the weights sits in 2 MB
+    pages, for the memory-mapped and the copied (--no-mmap) model."""
+    from gptoss.ops import cpu
+
+    if "--dense-int8" in extra and not cpu.dense_int8_supported():
+        pytest.skip("this CPU has no AVX-512 VNNI/VBMI")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_profile.py"
+    out = subprocess.run([sys.executable, str(script), str(tiny_checkpoint), "--prompt-tokens", "8", "--steps", "2",
+                          "--threads", "1", *extra], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    linear = "int8 linear" if extra else "linear"
+    for row in (f"| {linear}: q_proj, o_proj |", f"| {linear}: k_proj, v_proj |", "| linear: router |",
+                f"| {linear}: lm_head |", "| MXFP4 experts |", "| attention |", "| everything else |"):
+        assert row in out.stdout, (row, out.stdout)
+    assert "resident in 2 MB pages: file maps" in out.stdout
+
+
+def test_page_sizes_of_this_process():
+    from gptoss.bench import page_sizes
+
+    sizes = page_sizes()
+    assert set(sizes) == {"file_gb", "file_2mb_gb", "anon_gb", "anon_2mb_gb"}
+    assert 0 <= sizes["file_2mb_gb"] <= sizes["file_gb"] and 0 <= sizes["anon_2mb_gb"] <= sizes["anon_gb"]
+    assert sizes["anon_gb"] > 0
