@@ -189,7 +189,14 @@ class CheckpointReader:
         entry = self.entries[key]
         if entry.file not in self._maps:
             with open(entry.file, "rb") as f:
-                self._maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                # Pages this map reads in from disk then come in 2 MB folios, mapped whole: a decode
+                # step's experts (four of 32 per layer, each read once) read 27.3 GB/s from those
+                # against 20.5 from 4 KB pages and 23.1 from a 4 KB anonymous copy
+                # (docs/cpu-kernels.md). Pages already cached keep the size they were read in.
+                mapped.madvise(mmap.MADV_HUGEPAGE)
+            self._maps[entry.file] = mapped
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=entry.dtype)
         flat = torch.frombuffer(self._maps[entry.file], dtype=torch.uint8, count=entry.nbytes, offset=entry.start)

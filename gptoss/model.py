@@ -316,8 +316,8 @@ class Model(nn.Module):
         (see Int8Linear); the CPU int8 kernels need AVX-512 VNNI, elsewhere it is refused. With
         `shard`, only this rank's slice of each tensor is read (gptoss.parallel). `mmap=False` copies
         every tensor out of the file map into the process's own memory and drops the file's pages
-        (llama.cpp's --no-mmap): slower to load and the whole model must fit in RAM, but on a
-        2-core Xeon decode read the copies 12% faster (docs/cpu-kernels.md).
+        (llama.cpp's --no-mmap): slower to load and the whole model must fit in RAM; the copies
+        sit in 4 KB pages, where the maps get 2 MB ones, so decode is slower (docs/cpu-kernels.md).
         """
         from gptoss.hub import resolve
 
