@@ -54,16 +54,16 @@ def main() -> None:
                          ((c.num_experts, c.hidden_size), "router"), ((c.vocab_size, c.hidden_size), "lm_head")):
         projection_names[shape] = f"{projection_names[shape]}, {label}" if shape in projection_names else label
 
-    def timed(name, fn, bytes_of):
+    def timed(name, fn, bytes_of, by_projection=False):
+        """`by_projection`: one row per kind of weight (a[1]), so per-call costs show on the small ones."""
         def wrapper(*a, **kw):
             if not recording:
                 return fn(*a, **kw)
             t0 = time.perf_counter()
             out = fn(*a, **kw)
             t1 = time.perf_counter()
-            key = name
-            if "linear" in name:  # one row per kind of projection: per-call costs show on the small ones
-                key = f"{name.split(' (')[0]}: {projection_names.get(tuple(a[1].shape), tuple(a[1].shape))}"
+            shape = tuple(a[1].shape)
+            key = f"{name}: {projection_names.get(shape, shape)}" if by_projection else name
             seconds[key] += t1 - t0
             nbytes[key] += bytes_of(*a)
             calls[key] += 1
@@ -87,9 +87,8 @@ def main() -> None:
     def attention_bytes(q, k, v, *rest):
         return k.numel() * k.element_size() + v.numel() * v.element_size()
 
-    ops.linear = timed("linear (attention projections, router, lm_head)", ops.linear, linear_bytes)
-    ops.linear_int8 = timed("int8 linear (--dense-int8: attention projections, lm_head)", ops.linear_int8,
-                            int8_bytes)
+    ops.linear = timed("linear", ops.linear, linear_bytes, by_projection=True)
+    ops.linear_int8 = timed("int8 linear", ops.linear_int8, int8_bytes, by_projection=True)
     ops.moe_experts = timed("MXFP4 experts", ops.moe_experts, expert_bytes)
     ops.attention = timed("attention", ops.attention, attention_bytes)
 

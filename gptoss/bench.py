@@ -51,29 +51,31 @@ class BenchResult:
         return asdict(self)
 
 
-def process_memory(pid: int | str = "self") -> dict:
-    """Resident memory of a process in GB: its own pages (anon), file pages it maps, and the peak."""
+def _proc_kb_fields(path: str, keys: tuple[str, ...]) -> dict[str, int]:
+    """The `key: N kB` lines of a /proc file that are in `keys`, in bytes."""
     fields = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(path) as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024 / 1e9
-    return {"anon_gb": fields.get("RssAnon", 0.0), "file_gb": fields.get("RssFile", 0.0),
-            "peak_gb": fields.get("VmHWM", 0.0)}
+            if key in keys:
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def process_memory(pid: int | str = "self") -> dict:
+    """Resident memory of a process in GB: its own pages (anon), file pages it maps, and the peak."""
+    fields = _proc_kb_fields(f"/proc/{pid}/status", ("RssAnon", "RssFile", "VmHWM"))
+    return {"anon_gb": fields.get("RssAnon", 0) / 1e9, "file_gb": fields.get("RssFile", 0) / 1e9,
+            "peak_gb": fields.get("VmHWM", 0) / 1e9}
 
 
 def page_sizes(pid: int | str = "self") -> dict:
     """GB of a process's resident memory in 2 MB pages: file pages mapped whole (FilePmdMapped)
     and its own pages (AnonHugePages), against all of each. A stream crosses a 4 KB page every
     64 lines, and each crossing costs a TLB walk and a cold start of the hardware prefetcher."""
-    sums = {"Rss": 0, "Anonymous": 0, "AnonHugePages": 0, "FilePmdMapped": 0}
+    keys = ("Rss", "Anonymous", "AnonHugePages", "FilePmdMapped")
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in sums:
-                    sums[key] = int(value.split()[0]) * 1024
+        sums = dict.fromkeys(keys, 0) | _proc_kb_fields(f"/proc/{pid}/smaps_rollup", keys)
     except OSError:
         return {}
     file_rss = sums["Rss"] - sums["Anonymous"]
