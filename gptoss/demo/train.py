@@ -291,8 +291,9 @@ def export_float(model, vocab: CompactVocab, out: Path, dtype=torch.bfloat16) ->
 
 def train(config: TrainConfig) -> Path:
     # Denormal floats flushed to zero, before the thread pool starts (its threads inherit the mode):
-    # once the model is sure of itself, its softmax over the vocabulary and Adam's moments of rare
-    # tokens' rows fill with denormals, each a slow microcode assist on the CPU. A hidden-256 run's
+    # once the model is sure of itself, Adam's moments of rare tokens' rows fill with denormals
+    # (24,514 in the embedding's first moment at step 757; the softmax's gradients likely add more,
+    # not counted), each a slow microcode assist on the CPU. A hidden-256 run's
     # steps slowed from 1.0 to 1.8 s over its first 800 steps, and were 1.1 s again once resumed
     # with this; the same steps of its last state: 1.6-1.8x faster (docs/demo-training.md).
     torch.set_flush_denormal(True)
