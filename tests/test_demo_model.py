@@ -76,6 +76,31 @@ def test_evaluation_cases_are_held_out(encodings):
         assert heldout_problem(case.expected["a"], case.expected["b"], "+" if case.kind == "add" else "-")
 
 
+def test_tool_choice_probe_declares_two_real_lookups_with_different_verbs(encodings):
+    """scripts/tool_choice_probe.py: a model that ignores the question scores 50% on these cases."""
+    import importlib.util
+    from pathlib import Path
+
+    from gptoss.demo.data import heldout_tool_case
+
+    path = Path(__file__).parent.parent / "scripts" / "tool_choice_probe.py"
+    spec = importlib.util.spec_from_file_location("tool_choice_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    lookups = {t.description: t.kind for t in probe.LOOKUPS}
+    cases = probe.two_function_cases(ConversationGenerator(*encodings, "eval"), 200, random.Random(11))
+    first_is_target = 0
+    for case in cases:
+        names = [t["function"]["name"] for t in case.tools]
+        kinds = {lookups[t["function"]["description"]] for t in case.tools}
+        assert case.expected["name"] in names and len(kinds) == 2 and case.expected["tool"] in kinds
+        assert len({n.split("_")[0] for n in names}) == 2
+        assert heldout_tool_case(case.expected["name"], list(case.expected["arguments"]),
+                                 list(case.expected["arguments"].values()))
+        first_is_target += names[0] == case.expected["name"]
+    assert 70 <= first_is_target <= 130  # the target's place says nothing either
+
+
 # -- the training script (a few steps; the real run is ~105 minutes) -------------------------------
 
 @pytest.fixture(scope="module")
