@@ -13,10 +13,14 @@ import random
 import sys
 
 from gptoss import LLM
-from gptoss.demo.data import TOOLS, ConversationGenerator, function_name, tool_schema
+from gptoss.demo.data import TOOLS, ConversationGenerator, family_function
 from gptoss.demo.evaluate import _run
 
 LOOKUPS = [t for t in TOOLS if t.kind not in ("convert", "timer")]  # the families whose verbs are shared
+
+
+def verb(name: str) -> str:
+    return name.split("_")[0]
 
 
 def two_function_cases(generator: ConversationGenerator, count: int, rng: random.Random) -> list:
@@ -24,12 +28,11 @@ def two_function_cases(generator: ConversationGenerator, count: int, rng: random
     while len(cases) < count:
         target, other = rng.sample(LOOKUPS, 2)
         case = generator.tool_case(rng, target)
-        name = function_name(other, rng)
-        if name.split("_")[0] == case.expected["name"].split("_")[0]:
+        distractor = family_function(other, rng)
+        if verb(distractor["function"]["name"]) == verb(case.expected["name"]):
             continue  # the same verb: nothing to choose
-        params = [rng.choice(p) for p in other.params]
         declared = next(t for t in case.tools if t["function"]["name"] == case.expected["name"])
-        case.tools = [declared, tool_schema(name, other.description, params, list(other.param_types))]
+        case.tools = [declared, distractor]
         rng.shuffle(case.tools)
         cases.append(case)
     return cases
@@ -45,8 +48,8 @@ if __name__ == "__main__":
         name = result.tool_calls[0]["function"]["name"] if result.tool_calls else ""
         ok = name == case.expected["name"]
         right += ok
-        chosen[name.split("_")[0]] += 1
-        by_target[case.expected["name"].split("_")[0]].append(ok)
+        chosen[verb(name)] += 1
+        by_target[verb(case.expected["name"])].append(ok)
     print(f"right function of two: {right / len(cases):.1%} of {len(cases)} (50% = not reading the question)")
     print("| verb | right when it is the target's | times written |\n|---|---|---|")
     for verb in sorted(by_target):

@@ -94,7 +94,7 @@ def test_tool_choice_probe_declares_two_real_lookups_with_different_verbs(encodi
         names = [t["function"]["name"] for t in case.tools]
         kinds = {lookups[t["function"]["description"]] for t in case.tools}
         assert case.expected["name"] in names and len(kinds) == 2 and case.expected["tool"] in kinds
-        assert len({n.split("_")[0] for n in names}) == 2
+        assert len({probe.verb(n) for n in names}) == 2
         assert heldout_tool_case(case.expected["name"], list(case.expected["arguments"]),
                                  list(case.expected["arguments"].values()))
         first_is_target += names[0] == case.expected["name"]

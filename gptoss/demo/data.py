@@ -202,6 +202,12 @@ def tool_schema(name: str, description: str, params: list[str], types: list[str]
         "type": "object", "properties": properties, "required": list(params)}}}
 
 
+def family_function(tool: Tool, rng: random.Random) -> dict:
+    """A declaration of one of the family's functions, with parameter names drawn from its lists."""
+    params = [rng.choice(p) for p in tool.params]
+    return tool_schema(function_name(tool, rng), tool.description, params, list(tool.param_types))
+
+
 def _arguments(tool: Tool, rng: random.Random) -> list:
     if tool.kind in ("weather", "time", "population"):
         return [rng.choice(CITIES)]
@@ -334,10 +340,7 @@ class ConversationGenerator:
         tools = []
         for _ in range(count):
             if rng.random() < 0.5:
-                other = rng.choice([t for t in TOOLS if t.kind != avoid])
-                params = [rng.choice(p) for p in other.params]
-                tools.append(tool_schema(function_name(other, rng), other.description, params,
-                                         list(other.param_types)))
+                tools.append(family_function(rng.choice([t for t in TOOLS if t.kind != avoid]), rng))
             else:
                 noun, thing = rng.sample(self.words, 2)
                 name = f"{rng.choice(LOOKUP_VERBS)}_{noun}"
