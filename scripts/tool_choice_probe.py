@@ -52,6 +52,6 @@ if __name__ == "__main__":
         by_target[verb(case.expected["name"])].append(ok)
     print(f"right function of two: {right / len(cases):.1%} of {len(cases)} (50% = not reading the question)")
     print("| verb | right when it is the target's | times written |\n|---|---|---|")
-    for verb in sorted(by_target):
-        print(f"| {verb} | {sum(by_target[verb]) / len(by_target[verb]):.0%} of {len(by_target[verb])} "
-              f"| {chosen[verb]} |")
+    for target_verb, right_by_case in sorted(by_target.items()):
+        print(f"| {target_verb} | {sum(right_by_case) / len(right_by_case):.0%} of {len(right_by_case)} "
+              f"| {chosen[target_verb]} |")
