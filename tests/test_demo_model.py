@@ -101,6 +101,57 @@ def test_tool_choice_probe_declares_two_real_lookups_with_different_verbs(encodi
     assert 70 <= first_is_target <= 130  # the target's place says nothing either
 
 
+def test_tool_reasoning_writes_the_names_noun_token_then_the_name(encodings):
+    """`fn_city check_city_population ...`: the token after "fn" is the declaration's own noun token,
+    so the verb is the token before it in the namespace (what an induction head copies)."""
+    import itertools
+
+    from gptoss.demo.data import LOOKUP_VERBS, TIMER_VERBS, TOOLS, tool_reasoning
+
+    _, text = encodings
+    for tool in TOOLS:
+        verbs = TIMER_VERBS if tool.kind == "timer" else LOOKUP_VERBS if tool.kind != "convert" else ("",)
+        for verb, noun in itertools.product(verbs, tool.names):
+            name = f"{verb}_{noun}" if verb else noun
+            reasoning = text.encode(tool_reasoning(text, name, "location Paris"))
+            declared = text.encode(f"type {name} = (_: {{")
+            if not verb:
+                assert text.decode(reasoning).startswith(f"Call {name} with location Paris")
+                continue
+            assert text.decode(reasoning[:1]) == "fn" and reasoning[1] == declared[2], name
+            assert reasoning[2:2 + len(declared) - 5] == declared[1:-4], name  # then the whole name
+    noun_first = ConversationGenerator(*encodings, "train", reasoning="noun")
+    rng = random.Random(3)
+    tools = [e for e in (noun_first.example(rng) for _ in range(60)) if e.kind == "tool"]
+    assert any("<|message|>fn_" in text.decode(e.tokens) for e in tools)
+    assert not any("<|message|>fn_" in text.decode(e.tokens)  # the default, as the shipped model was trained
+                   for e in (ConversationGenerator(*encodings, "train").example(rng) for _ in range(60)))
+
+
+def test_lookup_drills_follow_the_developer_message_and_train_only_the_answers(encodings):
+    encoding, text = encodings
+    for split in ("train", "eval"):
+        generator = ConversationGenerator(encoding, text, split)
+        rng = random.Random(4)
+        for i in range(60):
+            drill = generator.lookup_drill(rng, families=2 if i % 2 else None)
+            decoded = text.decode(drill.tokens)
+            head, lines = decoded.split("} // namespace functions<|end|>")
+            # the prefix is harmony's own system + developer message, as a conversation renders them
+            assert head.startswith("<|start|>system<|message|>") and "<|start|>developer<|message|>" in head
+            lines = lines.splitlines()
+            assert len(lines) == 6
+            verbs = [text.decode([drill.tokens[v]]).strip() for v in drill.meta["verbs"]]
+            for line, verb in zip(lines, verbs):
+                question, answer = line.split(" fn_")
+                name = answer.split(" ")[1].rstrip(".")
+                assert name.startswith(verb + "_") and f"type {name} = " in head
+            trained = text.decode([t for t, on in zip(drill.tokens, drill.targets) if on])
+            assert trained == "".join(" fn_" + line.split(" fn_")[1] + "\n" for line in lines)
+            if i % 2:
+                assert len(set(verbs)) == 2  # two families, two verbs: a favourite verb scores half
+
+
 # -- the training script (a few steps; the real run is ~105 minutes) -------------------------------
 
 @pytest.fixture(scope="module")
@@ -126,6 +177,25 @@ def test_batches_render_each_pool_once_and_depend_only_on_the_step(small_run):
         again = train.Batches(generator, config, vocab)[step]
         assert all(torch.equal(a, b) for a, b in zip(first[step], again)), step
     assert first[0][0].shape != first[1][0].shape or not torch.equal(first[0][0], first[1][0])  # steps differ
+
+
+def test_copy_stage_batches_repeat_a_few_ids_and_train_only_the_repeats(small_run):
+    import torch
+
+    train, generator, config, vocab = small_run
+    batches = train.Batches(generator, config, vocab)
+    copy_rows = set(vocab.row_of[torch.tensor(batches.copy_from)].tolist())
+    assert len(copy_rows) == train.COPY_IDS
+    for step in range(3):
+        inputs, targets, mask = batches.copy(step)
+        assert torch.equal(inputs, train.Batches(generator, config, vocab).copy(step)[0])  # the step decides
+        for row in range(len(inputs)):
+            used = set(inputs[row].tolist()) - {0}
+            assert used <= copy_rows
+            n = int((inputs[row] > 0).sum()) + 1  # tokens in the sequence (two copies of one run)
+            assert n % 2 == 0 and int(mask[row].sum()) == n // 2  # the repeat is trained, the run is not
+    drills = batches.drills(3)  # the drill stage: lookups only, the answers trained
+    assert 0 < int(drills[2].sum()) < int((drills[0] > 0).sum()) / 4
 
 
 def test_the_compiled_training_step_matches_the_plain_one(small_run):
@@ -179,15 +249,22 @@ def test_training_runs_checkpoints_resumes_and_exports(tmp_path):
     from gptoss import Model
 
     out = tmp_path / "run"
+    # --copy-until 0: the copy stage ends as soon as its accuracy window is full (COPY_WINDOW steps)
     common = [sys.executable, "-m", "gptoss.demo.train", str(out), "--batch-size", "4", "--vocab-examples", "200",
-              "--log-every", "1", "--probe-every", "1000", "--no-eval", "--threads", "1", "--no-compile"]
-    first = subprocess.run(common + ["--steps", "2"], capture_output=True, text=True, timeout=600)
+              "--log-every", "1", "--probe-every", "1000", "--no-eval", "--threads", "1", "--no-compile",
+              "--copy-until", "0", "--max-copy-steps", "100", "--drill-steps", "1", "--lookup-share", "0.1",
+              "--reasoning", "noun"]
+    first = subprocess.run(common + ["--steps", "1"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
-    assert "step     2" in first.stdout and (out / "train_state.pt").exists()
-    second = subprocess.run(common + ["--steps", "3"], capture_output=True, text=True, timeout=600)
+    assert "copy stage done at step 25" in first.stdout
+    assert "step    27" in first.stdout and (out / "train_state.pt").exists()
+    second = subprocess.run(common + ["--steps", "2"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
-    assert "resuming from step 2" in second.stdout and "step     3" in second.stdout
-    assert json.loads((out / "training.json").read_text())["steps"] == 3
+    assert "resuming from step 27" in second.stdout and "step    28" in second.stdout
+    assert "copy stage done" not in second.stdout
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
+    info = json.loads((out / "training.json").read_text())
+    assert info["copy_steps"] == 25 and info["reasoning"] == "noun" and info["lookup_share"] == 0.1
     config = json.loads((out / "mxfp4" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "mxfp4"
     assert "quantization_config" not in json.loads((out / "float" / "config.json").read_text())

@@ -117,6 +117,14 @@ def drill_example(text_encoding, rng: random.Random, lines: int = 32) -> "Exampl
     return Example(tokens, targets, "drill")
 
 
+def copy_example(ids: list[int], rng: random.Random) -> "Example":
+    """A random run of `ids` written twice, the repeat trained: the task that grows an induction
+    head (find the earlier copy of the current token, write what followed it), which the demo
+    shape forms only after 700-1,400 steps of these over 200 ids (docs/demo-training.md)."""
+    run = [rng.choice(ids) for _ in range(rng.randint(20, 60))]
+    return Example(run + run, [False] * len(run) + [True] * len(run), "copy")
+
+
 # -- tools ---------------------------------------------------------------------------------------
 
 CITIES = ("Lisbon", "Paris", "Tokyo", "Berlin", "Madrid", "Rome", "London", "Oslo", "Cairo", "Lima", "Dublin",
@@ -257,6 +265,27 @@ def heldout_tool_case(name: str, params: list[str], args: list) -> bool:
     return zlib.crc32(key.encode()) % 4 == 0
 
 
+def name_noun(text_encoding, name: str) -> str | None:
+    """The token after a name's verb (`_city` in `check_city_population`), or None for a name
+    without a verb (`convert_units`)."""
+    if name.split("_")[0] not in LOOKUP_VERBS + TIMER_VERBS:
+        return None
+    ids = text_encoding.encode(" " + name)
+    noun = text_encoding.decode(ids[1:2]) if len(ids) > 1 else ""
+    # the noun must stay one token after "fn", the same id as in the declaration
+    return noun if noun.startswith("_") and text_encoding.encode("fn" + noun)[1:] == ids[1:2] else None
+
+
+def tool_reasoning(text_encoding, name: str, plan: str) -> str:
+    """The noun-first reasoning before a call (`--reasoning noun`): the name's noun token, then the
+    name (`fn_city check_city_population with location Paris.`). Having written `_city`, the model
+    can find the declaration by that very token and copy the verb just before it there: a copy an
+    induction head does, where the verb is otherwise chosen by the question's meaning
+    (docs/demo-training.md)."""
+    noun = name_noun(text_encoding, name)
+    return f"fn{noun} {name} with {plan}." if noun else f"Call {name} with {plan}."
+
+
 # -- everything else -----------------------------------------------------------------------------
 
 OFF_TOPIC = ("Tell me about {w}.", "What is a {w}?", "Who invented the {w}?", "Write a poem about {w}.",
@@ -311,10 +340,10 @@ class Case:
 class ConversationGenerator:
     """Draws training conversations (`example`) and evaluation cases (`case`) from one seed."""
 
-    def __init__(self, encoding, text_encoding, split: str = "train"):
-        if split not in ("train", "eval"):
-            raise ValueError("split is 'train' or 'eval'")
-        self.encoding, self.text, self.split = encoding, text_encoding, split
+    def __init__(self, encoding, text_encoding, split: str = "train", reasoning: str = "call"):
+        if split not in ("train", "eval") or reasoning not in ("call", "noun"):
+            raise ValueError("split is 'train' or 'eval', reasoning 'call' or 'noun'")
+        self.encoding, self.text, self.split, self.reasoning = encoding, text_encoding, split, reasoning
         self.words = _off_topic_words(text_encoding)
 
     def _encode(self, text: str) -> list[int]:
@@ -342,12 +371,15 @@ class ConversationGenerator:
             if rng.random() < 0.5:
                 tools.append(family_function(rng.choice([t for t in TOOLS if t.kind != avoid]), rng))
             else:
-                noun, thing = rng.sample(self.words, 2)
-                name = f"{rng.choice(LOOKUP_VERBS)}_{noun}"
-                params = rng.sample(self.words, rng.randint(1, 2))
-                tools.append(tool_schema(name, f"Get the {noun} of a {thing}", params,
-                                         [rng.choice(("string", "number")) for _ in params]))
+                tools.append(self._made_up_function(rng))
         return tools
+
+    def _made_up_function(self, rng: random.Random) -> dict:
+        noun, thing = rng.sample(self.words, 2)
+        name = f"{rng.choice(LOOKUP_VERBS)}_{noun}"
+        params = rng.sample(self.words, rng.randint(1, 2))
+        return tool_schema(name, f"Get the {noun} of a {thing}", params,
+                           [rng.choice(("string", "number")) for _ in params])
 
     def tool_case(self, rng: random.Random, tool: Tool | None = None) -> Case:
         tool = tool or rng.choice(TOOLS)
@@ -406,6 +438,42 @@ class ConversationGenerator:
                                       else "-")[1] if earlier.kind in ("add", "sub") else REFUSAL
         return user + [{"role": "assistant", "content": answer}]
 
+    def lookup_drill(self, rng: random.Random, families: int | None = None) -> Example:
+        """A developer message declaring 2 or 4-6 task families (and 0-2 made-up functions) as
+        harmony renders it, then six lines `QUESTION fn_NOUN NAME.`, only `fn_NOUN NAME.` trained:
+        the lookup a tool call's name needs, six times per sequence. Two families always have
+        different verbs, so no favourite verb passes. meta["verbs"]: positions of the verb tokens."""
+        verbed = [t for t in TOOLS if t.kind != "convert"]
+        count = families or (2 if rng.random() < 0.5 else rng.randint(4, len(verbed)))
+        chosen = rng.sample(verbed, count)
+        while True:
+            names = [function_name(t, rng) for t in chosen]
+            if count > 2 or names[0].split("_")[0] != names[1].split("_")[0]:
+                break
+        params = [[rng.choice(p) for p in t.params] for t in chosen]
+        tools = [tool_schema(n, t.description, p, list(t.param_types)) for t, n, p in zip(chosen, names, params)]
+        tools += [self._made_up_function(rng) for _ in range(rng.randint(0, 2))]
+        if count > 2 and rng.random() < 0.5:
+            tools.append(family_function(next(t for t in TOOLS if t.kind == "convert"), rng))
+        rng.shuffle(tools)
+        prompt = chat.render_prompt(self.encoding, [{"role": "user", "content": "?"}], tools=tools,
+                                    reasoning_effort=rng.choice(EFFORTS))
+        start = prompt[-2]  # `<|start|>` (of `<|start|>assistant`)
+        prompt = prompt[:len(prompt) - 2 - prompt[-3::-1].index(start) - 1]  # up to the developer message's end
+        tokens, targets, verbs = list(prompt), [False] * len(prompt), []
+        for line in range(6):
+            i = line % count if count == 2 else rng.randrange(count)
+            while True:
+                args = _arguments(chosen[i], rng)
+                if self._in_split(heldout_tool_case(names[i], params[i], args)):
+                    break
+            question = self._encode(rng.choice(chosen[i].questions).format(*args))
+            answer = self._encode(f" fn{name_noun(self.text, names[i])} {names[i]}.\n")
+            verbs.append(len(tokens) + len(question) + 2)  # " fn", "_NOUN", " VERB"
+            tokens += question + answer
+            targets += [False] * len(question) + [True] * len(answer)
+        return Example(tokens, targets, "lookup", {"verbs": verbs})
+
     # -- token sequences -----------------------------------------------------------------------
     def completion(self, analysis: str, message: str, *, call: str | None = None) -> list[int]:
         """The tokens the model writes after `<|start|>assistant`: reasoning, then the final answer
@@ -433,7 +501,8 @@ class ConversationGenerator:
             return Example(prompt + done, [False] * len(prompt) + [True] * len(done), case.kind)
         arguments = json.dumps(e["arguments"])
         plan = ", ".join(f"{k} {v}" for k, v in e["arguments"].items())
-        reasoning = f"Call {e['name']} with {plan}."
+        reasoning = tool_reasoning(self.text, e["name"], plan) if self.reasoning == "noun" \
+            else f"Call {e['name']} with {plan}."
         call = self.completion(reasoning, arguments, call=e["name"])
         call_id = f"call_{rng.randint(0, 10**6)}"
         keep_reasoning = rng.random() < 0.6  # the Responses API keeps it; Chat Completions clients drop it

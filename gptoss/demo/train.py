@@ -31,7 +31,7 @@ import torch
 from gptoss import ops
 
 from gptoss.config import ModelConfig
-from gptoss.demo.data import ConversationGenerator, Example, drill_example
+from gptoss.demo.data import ConversationGenerator, Example, copy_example, drill_example
 
 # The exact gpt-oss architecture, small: alternating 128-token window / full attention with sinks,
 # YaRN RoPE (theta 150000, factor 32 from 4096), GQA, top-k routing, clamped SwiGLU experts, the
@@ -45,13 +45,28 @@ POOL = 8  # batches drawn together and sorted by length, so padding stays small
 # problem teach too slowly (69% of spelled tokens right at step 1,500 of the first run).
 DRILL_FROM_STEP = 0
 DRILL_SHARE = 0.25
+# Options for the tool calls' verb lookup, off by default (the shipped model was trained without
+# them; docs/demo-training.md has what each did): lookup drills in the mixture (`lookup_share`,
+# data.ConversationGenerator.lookup_drill), and two stages before it. First only copies of random
+# runs over a few ids (data.copy_example) until the model copies them, since the induction head
+# this grows is what a lookup is made of; how long that takes varies from run to run (700 to 1,400
+# steps), so the stage ends on the copy's accuracy. Then `drill_steps` of lookup drills only, two
+# task families each: with 4-6 families as well the verb was still at 12% after 330 steps, with
+# two it was 94% after 330.
+COPY_IDS = 200
+COPY_WINDOW = 25  # steps over which the copy's accuracy is averaged
 
 
 @dataclasses.dataclass
 class TrainConfig:
     out: Path
     seed: int = 1234
-    steps: int = 4400
+    steps: int = 4400  # of the mixture, after the copy and drill stages
+    max_copy_steps: int = 0  # 0: no copy stage
+    copy_until: float = 0.5  # the copy stage ends when this share of the repeats is right
+    drill_steps: int = 0
+    lookup_share: float = 0.0  # of the mixture's sequences
+    reasoning: str = "call"  # before a tool call: "call" (`Call NAME with ...`) or "noun" (`fn_NOUN NAME with ...`)
     batch_size: int = 32
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -74,12 +89,14 @@ def _encodings():
 
 # -- the compact vocabulary ------------------------------------------------------------------------
 
-def used_token_ids(generator: ConversationGenerator, seed: int, count: int) -> list[int]:
+def used_token_ids(generator: ConversationGenerator, seed: int, count: int, drills: bool = False) -> list[int]:
     """Every id the training data can contain: drawn from `count` conversations, plus all numbers."""
     rng = random.Random(f"{seed}-vocab")
     used: set[int] = set()
     for _ in range(count):
         used.update(generator.example(rng).tokens)
+    for _ in range(count // 10 if drills else 0):
+        used.update(generator.lookup_drill(rng).tokens)
     for n in range(1000):
         for text in (str(n), f" {n}"):
             used.update(generator.text.encode(text))
@@ -102,14 +119,22 @@ class CompactVocab:
 
 # -- batches -------------------------------------------------------------------------------------
 
+def copy_ids(vocab: CompactVocab, seed: int) -> list[int]:
+    """The few token ids the copy stage repeats (as vocabulary ids, like every Example)."""
+    return random.Random(f"{seed}-copy").sample(vocab.ids.tolist(), min(COPY_IDS, len(vocab.ids)))
+
+
 def draw_pool(generator: ConversationGenerator, config: TrainConfig, pool_index: int) -> list[list[Example]]:
     """The POOL batches of steps pool_index * POOL ..., of similar lengths each, in shuffled order."""
     rng = random.Random(f"{config.seed}-pool-{pool_index}")
     drills = pool_index * POOL >= DRILL_FROM_STEP
 
     def draw() -> Example:
-        if drills and rng.random() < DRILL_SHARE:
+        roll = rng.random()
+        if drills and roll < DRILL_SHARE:
             return drill_example(generator.text, rng)
+        if roll < DRILL_SHARE + config.lookup_share:
+            return generator.lookup_drill(rng)
         return generator.example(rng)
 
     pool = sorted((draw() for _ in range(POOL * config.batch_size)), key=lambda e: len(e.tokens))
@@ -124,9 +149,20 @@ class Batches:
 
     def __init__(self, generator: ConversationGenerator, config: TrainConfig, vocab: CompactVocab):
         self.generator, self.config, self.vocab = generator, config, vocab
+        self.copy_from = copy_ids(vocab, config.seed)
         self._pool_index, self._pool = -1, []
 
+    def copy(self, step: int):
+        rng = random.Random(f"{self.config.seed}-copy-{step}")
+        return collate([copy_example(self.copy_from, rng) for _ in range(self.config.batch_size)], self.vocab)
+
+    def drills(self, step: int):
+        rng = random.Random(f"{self.config.seed}-drill-{step}")
+        return collate([self.generator.lookup_drill(rng, families=2) for _ in range(self.config.batch_size)],
+                       self.vocab)
+
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixture's batch for `step`."""
         pool_index, slot = divmod(step, POOL)
         if pool_index != self._pool_index:
             self._pool_index, self._pool = pool_index, draw_pool(self.generator, self.config, pool_index)
@@ -223,10 +259,15 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
                              lr=config.lr, betas=(0.9, 0.98))
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
+def learning_rate(config: TrainConfig, step: int, mixture_start: int | None) -> float:
+    """Warmup, the peak through the stages (mixture_start None: not known yet), then a cosine to
+    min_lr over the mixture's steps."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    if mixture_start is None or step < mixture_start:
+        return config.lr
+    start = max(mixture_start, config.warmup)
+    progress = (step - start) / max(1, mixture_start + config.steps - start)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -235,7 +276,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 @torch.no_grad()
 def probe(model, vocab: CompactVocab, generator: ConversationGenerator, seed: int, count: int = 48) -> dict:
     """Share of held-out conversations whose every trained token is the argmax (then greedy
-    decoding reproduces them exactly), per kind."""
+    decoding reproduces them exactly), per kind; and "verb": the share of verbs right in held-out
+    two-family lookup drills (a favourite verb scores 0.5)."""
     rng = random.Random(f"{seed}-probe")
     cases = {"add": [], "sub": [], "tool": [], "other": []}
     while min(len(v) for v in cases.values()) < count:
@@ -254,16 +296,25 @@ def probe(model, vocab: CompactVocab, generator: ConversationGenerator, seed: in
             correct = (logits.argmax(-1) == targets) | ~mask
             right += int(correct.all(-1).sum())
         result[kind] = right / len(examples)
+    drills = [generator.lookup_drill(rng, families=2) for _ in range(count // 2)]
+    inputs, targets, mask = collate(drills, vocab)
+    logits = model.lm_head(model.norm(model.hidden_states(inputs)))
+    logits[..., 0] = float("-inf")
+    verbs = torch.zeros_like(mask)
+    for i, drill in enumerate(drills):
+        verbs[i, [v - 1 for v in drill.meta["verbs"]]] = True  # position v - 1 predicts token v
+    result["verb"] = float((logits.argmax(-1) == targets)[verbs].float().mean())
     model.train()
     return result
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
 
-def save_state(path: Path, model, optimizer, step: int, vocab: CompactVocab, elapsed: float) -> None:
+def save_state(path: Path, model, optimizer, step: int, vocab: CompactVocab, elapsed: float,
+               copy_end: int | None) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "vocab_ids": vocab.ids.tolist(), "elapsed": elapsed}, tmp)
+                "vocab_ids": vocab.ids.tolist(), "elapsed": elapsed, "copy_end": copy_end}, tmp)
     os.replace(tmp, path)
 
 
@@ -302,8 +353,10 @@ def train(config: TrainConfig) -> Path:
         torch.set_num_threads(config.threads)
     config.out.mkdir(parents=True, exist_ok=True)
     encoding, text_encoding = _encodings()
-    generator = ConversationGenerator(encoding, text_encoding, "train")
-    heldout = ConversationGenerator(encoding, text_encoding, "eval")
+    if config.reasoning not in ("call", "noun"):
+        raise SystemExit(f"--reasoning is 'call' or 'noun', not {config.reasoning!r}")
+    generator = ConversationGenerator(encoding, text_encoding, "train", reasoning=config.reasoning)
+    heldout = ConversationGenerator(encoding, text_encoding, "eval", reasoning=config.reasoning)
     state_path = config.out / "train_state.pt"
     state = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if state is not None:
@@ -311,33 +364,51 @@ def train(config: TrainConfig) -> Path:
         print(f"resuming from step {state['step']} ({state['elapsed'] / 60:.1f} min trained)", flush=True)
     else:
         t = time.perf_counter()
-        ids = used_token_ids(generator, config.seed, config.vocab_examples)
+        ids = used_token_ids(generator, config.seed, config.vocab_examples,
+                             drills=config.drill_steps > 0 or config.lookup_share > 0)
         print(f"vocabulary: {len(ids)} token ids used by the data ({time.perf_counter() - t:.0f} s)", flush=True)
     vocab = CompactVocab(ids, DEMO_CONFIG.vocab_size)
     model = new_model(vocab, config.seed)
     optimizer = make_optimizer(model, config)
-    step, elapsed = 0, 0.0
+    step, elapsed, copy_end = 0, 0.0, (0 if config.max_copy_steps == 0 else None)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
+        step, elapsed, copy_end = state["step"], state["elapsed"], state.get("copy_end", 0)
     if config.export_only:
         if state is None:
             raise SystemExit(f"--export-only: no {state_path} to export")
-        return finish(model, vocab, config, elapsed / 60)
+        return finish(model, vocab, config, elapsed / 60, copy_end)
     counts = model.config.param_counts()
     print(f"model: {counts['total'] / 1e6:.2f} M parameters in training ({counts['active'] / 1e6:.2f} M active); "
-          f"{config.steps} steps of {config.batch_size} conversations", flush=True)
+          f"{config.batch_size} sequences a step"
+          + (f"; copies until {config.copy_until:.0%} right (at most {config.max_copy_steps} steps)"
+             if config.max_copy_steps else "")
+          + (f"; {config.drill_steps} steps of lookup drills" if config.drill_steps else "")
+          + f"; {config.steps} steps of the mixture", flush=True)
 
     batches = Batches(generator, config, vocab)
     step_loss = compiled_loss(config)
     model.train()
     started, last_save = time.perf_counter() - elapsed, time.perf_counter()
     window_loss, window_tokens, window_right = 0.0, 0, 0
-    while step < config.steps:
-        inputs, targets, mask = batches[step]
+    copied: list[float] = []  # the copy's accuracy, last COPY_WINDOW steps
+
+    def stages_end() -> int | None:
+        return None if copy_end is None else copy_end + config.drill_steps
+
+    def total() -> int | None:
+        return None if copy_end is None else stages_end() + config.steps
+
+    while copy_end is None or step < total():
+        if copy_end is None:
+            inputs, targets, mask = batches.copy(step)
+        elif step < stages_end():
+            inputs, targets, mask = batches.drills(step)
+        else:
+            inputs, targets, mask = batches[step]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step) * group["lr_scale"]
+            group["lr"] = learning_rate(config, step, stages_end()) * group["lr_scale"]
         loss, right = step_loss(model, vocab, inputs, targets, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -351,24 +422,31 @@ def train(config: TrainConfig) -> Path:
         window_tokens += len(right)
         window_right += int(right.sum())
         now = time.perf_counter()
-        if step % config.log_every == 0 or step == config.steps:
+        if copy_end is None:
+            copied = (copied + [float(right.float().mean())])[-COPY_WINDOW:]
+            if (len(copied) == COPY_WINDOW and sum(copied) / COPY_WINDOW >= config.copy_until) \
+                    or step >= config.max_copy_steps:
+                copy_end = step
+                print(f"copy stage done at step {step}: {sum(copied) / len(copied):.0%} of the repeats right over "
+                      f"the last {len(copied)} steps; {config.drill_steps} steps of lookup drills next", flush=True)
+        if step % config.log_every == 0 or step == total():
             print(f"step {step:5d}  loss {window_loss / window_tokens:.4f}  token acc "
-                  f"{window_right / window_tokens:.4f}  lr {learning_rate(config, step - 1):.2e}  "
+                  f"{window_right / window_tokens:.4f}  lr {learning_rate(config, step - 1, stages_end()):.2e}  "
                   f"{(now - started) / 60:5.1f} min", flush=True)
             window_loss, window_tokens, window_right = 0.0, 0, 0
-        if step % config.probe_every == 0 or step == config.steps:
+        if step % config.probe_every == 0 or step == total():
             scores = probe(model, vocab, heldout, config.seed)
             print("probe (held-out, teacher-forced exact): " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()),
                   flush=True)
-        if now - last_save > config.checkpoint_seconds or step == config.steps:
-            save_state(state_path, model, optimizer, step, vocab, now - started)
+        if now - last_save > config.checkpoint_seconds or step == total():
+            save_state(state_path, model, optimizer, step, vocab, now - started, copy_end)
             last_save = now
     minutes = (time.perf_counter() - started) / 60
     print(f"trained {step} steps in {minutes:.1f} min", flush=True)
-    return finish(model, vocab, config, minutes)
+    return finish(model, vocab, config, minutes, copy_end)
 
 
-def finish(model, vocab: CompactVocab, config: TrainConfig, minutes: float) -> Path:
+def finish(model, vocab: CompactVocab, config: TrainConfig, minutes: float, copy_end: int | None) -> Path:
     """Export the float folder, quantize it to MXFP4, evaluate both."""
     import shutil
 
@@ -380,7 +458,8 @@ def finish(model, vocab: CompactVocab, config: TrainConfig, minutes: float) -> P
             shutil.rmtree(folder)
     export_float(model, vocab, float_dir)
     quantize_checkpoint(float_dir, mxfp4_dir, progress=False)
-    info = {"seed": config.seed, "steps": config.steps, "batch_size": config.batch_size,
+    info = {"seed": config.seed, "steps": config.steps, "copy_steps": copy_end, "drill_steps": config.drill_steps,
+            "lookup_share": config.lookup_share, "reasoning": config.reasoning, "batch_size": config.batch_size,
             "training_minutes": round(minutes, 1), "vocab_rows_used": len(vocab.ids)}
     (config.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {float_dir} and {mxfp4_dir}", flush=True)
@@ -398,19 +477,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptoss.demo.train", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="folder for checkpoints and the trained model")
     defaults = TrainConfig(out=Path("."))
-    for name in ("seed", "steps", "batch_size", "threads", "vocab_examples", "log_every", "probe_every"):
+    for name in ("seed", "steps", "max_copy_steps", "drill_steps", "batch_size", "threads", "vocab_examples", "log_every", "probe_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "min_lr", "checkpoint_seconds"):
+    for name in ("lr", "min_lr", "copy_until", "lookup_share", "checkpoint_seconds"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--reasoning", choices=("call", "noun"), default=defaults.reasoning,
+                        help="the reasoning before a tool call: 'Call NAME with ...' or 'fn_NOUN NAME with ...'")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="run the training step uncompiled (no torch.compile start-up minute, 1.3x slower steps)")
     parser.add_argument("--export-only", action="store_true",
                         help="write the float and MXFP4 folders from the last checkpoint, without training")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        parser.error("--steps and --batch-size must be at least 1")
+    if args.steps < 1 or args.batch_size < 1 or args.max_copy_steps < 0 or args.drill_steps < 0:
+        parser.error("--steps and --batch-size must be at least 1, --max-copy-steps and --drill-steps at least 0")
+    if not 0 <= args.lookup_share <= 1 - DRILL_SHARE:
+        parser.error(f"--lookup-share is a share of the mixture from 0 to {1 - DRILL_SHARE}")
     config = TrainConfig(**vars(args))
     train(config)
     return 0
