@@ -113,7 +113,7 @@ def test_tool_reasoning_writes_the_names_noun_token_then_the_name(encodings):
         verbs = TIMER_VERBS if tool.kind == "timer" else LOOKUP_VERBS if tool.kind != "convert" else ("",)
         for verb, noun in itertools.product(verbs, tool.names):
             name = f"{verb}_{noun}" if verb else noun
-            reasoning = text.encode(tool_reasoning(text, name, "location Paris"))
+            reasoning = text.encode(tool_reasoning(text, name, "location Paris", "noun"))
             declared = text.encode(f"type {name} = (_: {{")
             if not verb:
                 assert text.decode(reasoning).startswith(f"Call {name} with location Paris")
@@ -262,8 +262,8 @@ def test_training_runs_checkpoints_resumes_and_exports(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "resuming from step 27" in second.stdout and "step    28" in second.stdout
     assert "copy stage done" not in second.stdout
-    assert json.loads((out / "training.json").read_text())["steps"] == 2
     info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2
     assert info["copy_steps"] == 25 and info["reasoning"] == "noun" and info["lookup_share"] == 0.1
     config = json.loads((out / "mxfp4" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "mxfp4"

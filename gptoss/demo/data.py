@@ -276,13 +276,13 @@ def name_noun(text_encoding, name: str) -> str | None:
     return noun if noun.startswith("_") and text_encoding.encode("fn" + noun)[1:] == ids[1:2] else None
 
 
-def tool_reasoning(text_encoding, name: str, plan: str) -> str:
-    """The noun-first reasoning before a call (`--reasoning noun`): the name's noun token, then the
-    name (`fn_city check_city_population with location Paris.`). Having written `_city`, the model
-    can find the declaration by that very token and copy the verb just before it there: a copy an
-    induction head does, where the verb is otherwise chosen by the question's meaning
-    (docs/demo-training.md)."""
-    noun = name_noun(text_encoding, name)
+def tool_reasoning(text_encoding, name: str, plan: str, style: str = "call") -> str:
+    """The reasoning before a call: `Call NAME with PLAN.`, or with style "noun" (`--reasoning
+    noun`) the name's noun token first (`fn_city check_city_population with location Paris.`).
+    Having written `_city`, the model can find the declaration by that very token and copy the verb
+    just before it there: a copy an induction head does, where the verb is otherwise chosen by the
+    question's meaning (docs/demo-training.md)."""
+    noun = name_noun(text_encoding, name) if style == "noun" else None
     return f"fn{noun} {name} with {plan}." if noun else f"Call {name} with {plan}."
 
 
@@ -459,7 +459,7 @@ class ConversationGenerator:
         prompt = chat.render_prompt(self.encoding, [{"role": "user", "content": "?"}], tools=tools,
                                     reasoning_effort=rng.choice(EFFORTS))
         start = prompt[-2]  # `<|start|>` (of `<|start|>assistant`)
-        prompt = prompt[:len(prompt) - 2 - prompt[-3::-1].index(start) - 1]  # up to the developer message's end
+        prompt = prompt[:max(i for i, t in enumerate(prompt[:-2]) if t == start)]  # cut the user message off
         tokens, targets, verbs = list(prompt), [False] * len(prompt), []
         for line in range(6):
             i = line % count if count == 2 else rng.randrange(count)
@@ -501,8 +501,7 @@ class ConversationGenerator:
             return Example(prompt + done, [False] * len(prompt) + [True] * len(done), case.kind)
         arguments = json.dumps(e["arguments"])
         plan = ", ".join(f"{k} {v}" for k, v in e["arguments"].items())
-        reasoning = tool_reasoning(self.text, e["name"], plan) if self.reasoning == "noun" \
-            else f"Call {e['name']} with {plan}."
+        reasoning = tool_reasoning(self.text, e["name"], plan, self.reasoning)
         call = self.completion(reasoning, arguments, call=e["name"])
         call_id = f"call_{rng.randint(0, 10**6)}"
         keep_reasoning = rng.random() < 0.6  # the Responses API keeps it; Chat Completions clients drop it

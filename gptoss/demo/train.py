@@ -286,24 +286,25 @@ def probe(model, vocab: CompactVocab, generator: ConversationGenerator, seed: in
             cases[example.kind].append(example)
     model.eval()
     result = {}
+    def right_tokens(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(which next tokens the model's argmax gets right, the loss mask), never row 0."""
+        inputs, targets, mask = collate(examples, vocab)
+        logits = model.lm_head(model.norm(model.hidden_states(inputs)))
+        logits[..., 0] = float("-inf")
+        return logits.argmax(-1) == targets, mask
+
     for kind, examples in cases.items():
         right = 0
         for start in range(0, len(examples), 16):
-            chunk = examples[start:start + 16]
-            inputs, targets, mask = collate(chunk, vocab)
-            logits = model.lm_head(model.norm(model.hidden_states(inputs)))
-            logits[..., 0] = float("-inf")
-            correct = (logits.argmax(-1) == targets) | ~mask
-            right += int(correct.all(-1).sum())
+            correct, mask = right_tokens(examples[start:start + 16])
+            right += int((correct | ~mask).all(-1).sum())
         result[kind] = right / len(examples)
     drills = [generator.lookup_drill(rng, families=2) for _ in range(count // 2)]
-    inputs, targets, mask = collate(drills, vocab)
-    logits = model.lm_head(model.norm(model.hidden_states(inputs)))
-    logits[..., 0] = float("-inf")
+    correct, mask = right_tokens(drills)
     verbs = torch.zeros_like(mask)
     for i, drill in enumerate(drills):
         verbs[i, [v - 1 for v in drill.meta["verbs"]]] = True  # position v - 1 predicts token v
-    result["verb"] = float((logits.argmax(-1) == targets)[verbs].float().mean())
+    result["verb"] = float(correct[verbs].float().mean())
     model.train()
     return result
 
