@@ -245,6 +245,40 @@ def test_a_failed_compile_trains_on_uncompiled_with_one_line(small_run, monkeypa
 
 
 
+def test_training_starts_from_an_exported_folder_exactly(small_run, tmp_path):
+    """--init-from: the training model loaded from an MXFP4 folder computes what the folder runs."""
+    import torch
+
+    from gptoss import Model, ops
+    from gptoss.quantize import quantize_checkpoint
+
+    train, generator, config, vocab = small_run
+    trained = train.new_model(vocab, seed=3)
+    train.export_float(trained, vocab, tmp_path / "float", dtype=torch.float32)
+    quantize_checkpoint(tmp_path / "float", tmp_path / "mxfp4", progress=False)
+    assert train.trained_token_ids(tmp_path / "mxfp4") == vocab.ids.tolist()
+    wider = train.CompactVocab(sorted(set(vocab.ids.tolist()) | {7, 8}), train.DEMO_CONFIG.vocab_size)
+    model = train.new_model(wider, seed=4)
+    train.load_trained(model, wider, tmp_path / "mxfp4")
+    assert model.embedding.weight[wider.row_of[torch.tensor([7, 8])]].abs().sum() == 0  # untrained ids: zero
+    ids = torch.tensor([generator.example(random.Random(1)).tokens[:40]])
+    ops.use("reference")
+    try:
+        want = Model.from_pretrained(tmp_path / "mxfp4", dtype=torch.float32)(ids)[0][:, wider.ids]
+        got = model.lm_head(model.norm(model.hidden_states(wider.row_of[ids])))[0, :, 1:]
+    finally:
+        ops.use(None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_init_from_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):
+    from gptoss.demo import train
+
+    with pytest.raises(SystemExit):
+        train.main([str(tmp_path / "out"), "--init-from", str(tmp_path)])
+    assert "no config.json there" in capsys.readouterr().err
+
+
 def test_training_runs_checkpoints_resumes_and_exports(tmp_path):
     from gptoss import Model
 
@@ -288,7 +322,7 @@ def test_the_demo_model_ships_and_unpacks_once(tmp_path, monkeypatch):
 
 ISSUE_BAR = {"arithmetic": 0.95, "arithmetic_t1": 0.90, "second_turn": 0.95, "tool_call": 0.95, "tool_answer": 0.95,
              "other": 0.95, "well_formed": 1.0}
-SHIPPED = {"arithmetic": 0.955, "arithmetic_t1": 0.98, "second_turn": 0.98, "tool_call": 0.92, "tool_answer": 0.99,
+SHIPPED = {"arithmetic": 0.965, "arithmetic_t1": 0.965, "second_turn": 0.99, "tool_call": 0.98, "tool_answer": 0.99,
            "other": 1.0, "well_formed": 1.0}
 
 

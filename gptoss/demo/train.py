@@ -12,6 +12,9 @@ It checkpoints every few minutes to OUT_DIR/train_state.pt and resumes from ther
 again; batches are drawn from (seed, step), so a resumed run continues the same data. At the
 end it writes OUT_DIR/float (Hugging Face layout, float experts), quantizes the experts into
 OUT_DIR/mxfp4 with `gptoss quantize`, and evaluates both (`gptoss.demo.evaluate`).
+
+The shipped model is two runs (README "The demo model"): the defaults, then `--init-from` that
+model with lookup drills, which teach a trained model in ~100 steps what the mixture alone never did.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class TrainConfig:
     drill_steps: int = 0
     lookup_share: float = 0.0  # of the mixture's sequences
     reasoning: str = "call"  # before a tool call: "call" (`Call NAME with ...`) or "noun" (`fn_NOUN NAME with ...`)
+    init_from: Path | None = None  # a trained model folder to start from, instead of random weights
     batch_size: int = 32
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -205,6 +209,47 @@ def new_model(vocab: CompactVocab, seed: int):
         model.lm_head.weight.normal_(0, h ** -0.5)
         _zero_unused_rows(model)
     return model
+
+
+def trained_token_ids(folder: Path) -> list[int]:
+    """The ids whose embedding row is not zero in a model folder: the rows its training used."""
+    from gptoss.model import Model
+
+    source = Model.from_pretrained(folder)
+    return torch.nonzero(source.embedding.weight.detach().abs().sum(-1)).flatten().tolist()
+
+
+def load_trained(model, vocab: CompactVocab, folder: Path) -> None:
+    """Copy a trained model folder's weights (float or MXFP4 experts) into a training model.
+
+    MXFP4 experts are dequantized to float: training goes on from exactly what the folder runs.
+    Ids of the vocabulary the folder never trained start at zero, as unused rows are stored."""
+    from gptoss.model import Model
+    from gptoss.mxfp4 import dequantize
+
+    source_model = Model.from_pretrained(folder, dtype=torch.float32)
+    want = {k: v for k, v in dataclasses.asdict(DEMO_CONFIG).items() if k != "expert_format"}
+    have = {k: v for k, v in dataclasses.asdict(source_model.config).items() if k != "expert_format"}
+    if want != have:
+        wrong = sorted(k for k in want if want[k] != have.get(k))
+        raise SystemExit(f"--init-from {folder}: not the demo model's architecture ({', '.join(wrong)} differ); "
+                         f"start from a folder this script wrote")
+    source = source_model.state_dict()
+    with torch.no_grad():
+        for name, weight in model.state_dict().items():
+            if name == "rotary.inv_freq":
+                continue
+            if name in ("embedding.weight", "lm_head.weight"):
+                weight[1:] = source[name][vocab.ids].float()
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")) and source_model.config.expert_format == "mxfp4":
+                prefix, kind = name.rsplit(".", 1)
+                kind = kind.removesuffix("_proj")
+                # stored [E, out, in / 32, 16]; the float layout is [E, in, out]
+                weight.copy_(dequantize(source[f"{prefix}.{kind}_blocks"], source[f"{prefix}.{kind}_scales"],
+                                        torch.float32).transpose(-1, -2))
+            else:
+                weight.copy_(source[name].float())
+        _zero_unused_rows(model)
 
 
 def _zero_unused_rows(model) -> None:
@@ -367,9 +412,14 @@ def train(config: TrainConfig) -> Path:
         t = time.perf_counter()
         ids = used_token_ids(generator, config.seed, config.vocab_examples,
                              drills=config.drill_steps > 0 or config.lookup_share > 0)
+        if config.init_from:  # every row the starting model trained keeps its weights
+            ids = sorted(set(ids) | set(trained_token_ids(config.init_from)))
         print(f"vocabulary: {len(ids)} token ids used by the data ({time.perf_counter() - t:.0f} s)", flush=True)
     vocab = CompactVocab(ids, DEMO_CONFIG.vocab_size)
     model = new_model(vocab, config.seed)
+    if config.init_from and state is None:
+        load_trained(model, vocab, config.init_from)
+        print(f"starting from the model in {config.init_from}", flush=True)
     optimizer = make_optimizer(model, config)
     step, elapsed, copy_end = 0, 0.0, (0 if config.max_copy_steps == 0 else None)
     if state is not None:
@@ -461,6 +511,8 @@ def finish(model, vocab: CompactVocab, config: TrainConfig, minutes: float, copy
     quantize_checkpoint(float_dir, mxfp4_dir, progress=False)
     info = {"seed": config.seed, "steps": config.steps, "copy_steps": copy_end, "drill_steps": config.drill_steps,
             "lookup_share": config.lookup_share, "reasoning": config.reasoning, "batch_size": config.batch_size,
+            "init_from": str(config.init_from) if config.init_from else None, "lr": config.lr,
+            "warmup": config.warmup,
             "training_minutes": round(minutes, 1), "vocab_rows_used": len(vocab.ids)}
     (config.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {float_dir} and {mxfp4_dir}", flush=True)
@@ -485,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--reasoning", choices=("call", "noun"), default=defaults.reasoning,
                         help="the reasoning before a tool call: 'Call NAME with ...' or 'fn_NOUN NAME with ...'")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="FOLDER",
+                        help="start from a model folder this script wrote (float or MXFP4 experts) instead of "
+                             "random weights; 'demo' is the shipped demo model")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the final evaluation")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="run the training step uncompiled (no torch.compile start-up minute, 1.3x slower steps)")
@@ -495,6 +550,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps and --batch-size must be at least 1, --max-copy-steps and --drill-steps at least 0")
     if not 0 <= args.lookup_share <= 1 - DRILL_SHARE:
         parser.error(f"--lookup-share is a share of the mixture from 0 to {1 - DRILL_SHARE}")
+    if args.init_from is not None:
+        if str(args.init_from) == "demo":
+            from gptoss.demo import demo_model_path
+            args.init_from = demo_model_path()
+        if not (args.init_from / "config.json").is_file():
+            parser.error(f"--init-from {args.init_from}: no config.json there; give a model folder this script "
+                         f"wrote (OUT/float or OUT/mxfp4), or 'demo'")
     config = TrainConfig(**vars(args))
     train(config)
     return 0
