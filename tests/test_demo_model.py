@@ -246,7 +246,7 @@ def test_a_failed_compile_trains_on_uncompiled_with_one_line(small_run, monkeypa
 
 
 def test_training_starts_from_an_exported_folder_exactly(small_run, tmp_path):
-    """--init-from: the training model loaded from an MXFP4 folder computes what the folder runs."""
+    """--init-from: the training model loaded from an MXFP4 or float folder computes what the folder runs."""
     import torch
 
     from gptoss import Model, ops
@@ -256,19 +256,21 @@ def test_training_starts_from_an_exported_folder_exactly(small_run, tmp_path):
     trained = train.new_model(vocab, seed=3)
     train.export_float(trained, vocab, tmp_path / "float", dtype=torch.float32)
     quantize_checkpoint(tmp_path / "float", tmp_path / "mxfp4", progress=False)
-    assert train.trained_token_ids(tmp_path / "mxfp4") == vocab.ids.tolist()
     wider = train.CompactVocab(sorted(set(vocab.ids.tolist()) | {7, 8}), train.DEMO_CONFIG.vocab_size)
-    model = train.new_model(wider, seed=4)
-    train.load_trained(model, wider, tmp_path / "mxfp4")
-    assert model.embedding.weight[wider.row_of[torch.tensor([7, 8])]].abs().sum() == 0  # untrained ids: zero
     ids = torch.tensor([generator.example(random.Random(1)).tokens[:40]])
-    ops.use("reference")
-    try:
-        want = Model.from_pretrained(tmp_path / "mxfp4", dtype=torch.float32)(ids)[0][:, wider.ids]
-        got = model.lm_head(model.norm(model.hidden_states(wider.row_of[ids])))[0, :, 1:]
-    finally:
-        ops.use(None)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for folder in (tmp_path / "mxfp4", tmp_path / "float"):
+        start = train.load_start(folder)
+        assert train.trained_token_ids(start) == vocab.ids.tolist()
+        model = train.new_model(wider, seed=4)
+        train.load_trained(model, wider, start)
+        assert model.embedding.weight[wider.row_of[torch.tensor([7, 8])]].abs().sum() == 0  # untrained ids: zero
+        ops.use("reference")
+        try:
+            want = Model.from_pretrained(folder, dtype=torch.float32)(ids)[0][:, wider.ids]
+            got = model.lm_head(model.norm(model.hidden_states(wider.row_of[ids])))[0, :, 1:]
+        finally:
+            ops.use(None)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=folder.name)
 
 
 def test_init_from_a_folder_that_is_not_a_model_is_a_clear_error(tmp_path, capsys):

@@ -211,44 +211,44 @@ def new_model(vocab: CompactVocab, seed: int):
     return model
 
 
-def trained_token_ids(folder: Path) -> list[int]:
-    """The ids whose embedding row is not zero in a model folder: the rows its training used."""
+def load_start(folder: Path):
+    """A model folder to start training from (`--init-from`), in float32; the demo's architecture
+    or a one-line error."""
     from gptoss.model import Model
 
-    source = Model.from_pretrained(folder)
-    return torch.nonzero(source.embedding.weight.detach().abs().sum(-1)).flatten().tolist()
-
-
-def load_trained(model, vocab: CompactVocab, folder: Path) -> None:
-    """Copy a trained model folder's weights (float or MXFP4 experts) into a training model.
-
-    MXFP4 experts are dequantized to float: training goes on from exactly what the folder runs.
-    Ids of the vocabulary the folder never trained start at zero, as unused rows are stored."""
-    from gptoss.model import Model
-    from gptoss.mxfp4 import dequantize
-
-    source_model = Model.from_pretrained(folder, dtype=torch.float32)
+    source = Model.from_pretrained(folder, dtype=torch.float32)
     want = {k: v for k, v in dataclasses.asdict(DEMO_CONFIG).items() if k != "expert_format"}
-    have = {k: v for k, v in dataclasses.asdict(source_model.config).items() if k != "expert_format"}
+    have = {k: v for k, v in dataclasses.asdict(source.config).items() if k != "expert_format"}
     if want != have:
         wrong = sorted(k for k in want if want[k] != have.get(k))
         raise SystemExit(f"--init-from {folder}: not the demo model's architecture ({', '.join(wrong)} differ); "
                          f"start from a folder this script wrote")
-    source = source_model.state_dict()
+    return source
+
+
+def trained_token_ids(source) -> list[int]:
+    """The ids whose embedding row is not zero: the rows the source model's training used."""
+    return torch.nonzero(source.embedding.weight.detach().abs().sum(-1)).flatten().tolist()
+
+
+def load_trained(model, vocab: CompactVocab, source) -> None:
+    """Copy a loaded model's weights (float or MXFP4 experts) into a training model.
+
+    MXFP4 experts are dequantized to float: training goes on from exactly what the folder runs.
+    Ids of the vocabulary the source never trained start at zero, as unused rows are stored."""
+    weights = source.state_dict()
     with torch.no_grad():
         for name, weight in model.state_dict().items():
-            if name == "rotary.inv_freq":
-                continue
             if name in ("embedding.weight", "lm_head.weight"):
-                weight[1:] = source[name][vocab.ids].float()
-            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")) and source_model.config.expert_format == "mxfp4":
-                prefix, kind = name.rsplit(".", 1)
-                kind = kind.removesuffix("_proj")
-                # stored [E, out, in / 32, 16]; the float layout is [E, in, out]
-                weight.copy_(dequantize(source[f"{prefix}.{kind}_blocks"], source[f"{prefix}.{kind}_scales"],
-                                        torch.float32).transpose(-1, -2))
-            else:
-                weight.copy_(source[name].float())
+                weight[1:] = weights[name][vocab.ids]
+            elif name != "rotary.inv_freq" and not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                weight.copy_(weights[name])
+        for block, source_block in zip(model.blocks, source.blocks):
+            experts = source_block.mlp.experts.weights()
+            # ExpertWeights.matrices gives [out, in] per expert; the training layout is [E, in, out]
+            matrices = [experts.matrices(e, torch.float32) for e in range(experts.num_experts)]
+            block.mlp.experts.gate_up_proj.copy_(torch.stack([gate_up.T for gate_up, _ in matrices]))
+            block.mlp.experts.down_proj.copy_(torch.stack([down.T for _, down in matrices]))
         _zero_unused_rows(model)
 
 
@@ -409,16 +409,17 @@ def train(config: TrainConfig) -> Path:
         ids = state["vocab_ids"]
         print(f"resuming from step {state['step']} ({state['elapsed'] / 60:.1f} min trained)", flush=True)
     else:
+        start = load_start(config.init_from) if config.init_from else None  # a wrong folder fails first
         t = time.perf_counter()
         ids = used_token_ids(generator, config.seed, config.vocab_examples,
                              drills=config.drill_steps > 0 or config.lookup_share > 0)
-        if config.init_from:  # every row the starting model trained keeps its weights
-            ids = sorted(set(ids) | set(trained_token_ids(config.init_from)))
+        if start is not None:  # every row the starting model trained keeps its weights
+            ids = sorted(set(ids) | set(trained_token_ids(start)))
         print(f"vocabulary: {len(ids)} token ids used by the data ({time.perf_counter() - t:.0f} s)", flush=True)
     vocab = CompactVocab(ids, DEMO_CONFIG.vocab_size)
     model = new_model(vocab, config.seed)
     if config.init_from and state is None:
-        load_trained(model, vocab, config.init_from)
+        load_trained(model, vocab, start)
         print(f"starting from the model in {config.init_from}", flush=True)
     optimizer = make_optimizer(model, config)
     step, elapsed, copy_end = 0, 0.0, (0 if config.max_copy_steps == 0 else None)
